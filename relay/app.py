@@ -1,0 +1,195 @@
+"""Wiring: the journal, the sources, the sink runners and the operations endpoint.
+
+Shutdown (SIGTERM/SIGINT): sources stop asking providers for more, finish the
+request in flight and commit it; sinks finish the batch in flight and record
+their cursor; then the journal closes and the process exits 0. Whatever is
+still running after ``shutdown_grace`` seconds is cancelled (every commit is
+one transaction, so nothing half-written remains). A second signal exits at
+once: SQLite's WAL makes that safe for the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio.abc import TaskGroup
+
+from relay import metrics
+from relay.config import RelayConfig
+from relay.journal import Journal, SqliteJournal
+from relay.logs import get_logger
+from relay.sdnotify import Notifier
+from relay.sinks import build_sink
+from relay.sinks.runner import SinkRunner
+from relay.sources import Source, SourceRuntime, build_source
+from relay.sources.budget import BudgetRegistry
+
+log = get_logger("relay")
+
+HOUSEKEEPING_INTERVAL = 5.0
+
+
+class Relay:
+    def __init__(self, config: RelayConfig, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.stopping: anyio.Event | None = None
+        self.journal: Journal | None = None
+        self.sources: list[Source] = []
+        self.runners: list[SinkRunner] = []
+        self.runtime: SourceRuntime | None = None
+        self.metrics_port: int | None = None
+        self._last_limit_warning = 0.0
+
+    # -- readiness ---------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        checks: dict[str, str] = {}
+        checks["journal"] = "open" if self.journal is not None else "closed"
+        if self.runtime is not None:
+            for key, health in self.runtime.health.items():
+                if health.config_error:
+                    checks[f"source {key}"] = f"config error: {health.config_error}"
+                else:
+                    checks[f"source {key}"] = "polling" if health.polling else "stopped"
+        for runner in self.runners:
+            h = runner.health
+            checks[f"sink {runner.name}"] = (
+                f"paused: {h.paused}" if h.paused else "connected" if h.connected else "down"
+            )
+        ready = self.journal is not None and all(
+            v in ("open", "polling", "connected") for v in checks.values()
+        )
+        return ready, checks
+
+    # -- running -----------------------------------------------------------
+
+    async def run(self, on_ready: Callable[[Relay], Awaitable[None] | None] | None = None) -> None:
+        from relay.http_server import OpsServer
+
+        c = self.config
+        journal = SqliteJournal.open(
+            c.journal.path, retain_seconds=c.journal.retain, min_free_bytes=c.journal.min_free_bytes
+        )
+        self.journal = journal
+        metrics.JOURNAL_LIMIT_BYTES.set(c.journal.max_bytes or 0)
+        self.stopping = anyio.Event()
+        try:
+            await journal.register_sinks(list(c.sinks), prune=True)
+            self.runtime = SourceRuntime(journal, self.stopping, BudgetRegistry())
+            self.sources = [build_source(name, cfg) for name, cfg in c.sources.items()]
+            self.runners = [
+                SinkRunner(build_sink(name, cfg), cfg, journal) for name, cfg in c.sinks.items()
+            ]
+            ops = OpsServer(c.metrics.listen, self.readiness) if c.metrics.enabled else None
+            if ops is not None:
+                await ops.start()
+                self.metrics_port = ops.port
+            try:
+                await self._run_components(on_ready)
+            finally:
+                if ops is not None:
+                    await ops.stop()
+        finally:
+            self.journal = None
+            await journal.close()
+            self.notifier.close()
+        log.info("relay stopped")
+
+    async def _run_components(
+        self, on_ready: Callable[[Relay], Awaitable[None] | None] | None
+    ) -> None:
+        assert self.stopping is not None
+        assert self.runtime is not None
+        stopping = self.stopping
+        runtime = self.runtime
+        # Workers (sources, sinks) outlive the control tasks (signals, housekeeping).
+        async with anyio.create_task_group() as workers, anyio.create_task_group() as control:
+            control.start_soon(self._watch_signals, workers)
+            control.start_soon(self._housekeeping)
+            for source in self.sources:
+                workers.start_soon(self._supervise, f"source {source.name}",
+                                   lambda s=source: s.run(runtime))
+            for runner in self.runners:
+                workers.start_soon(self._supervise, f"sink {runner.name}",
+                                   lambda r=runner: r.run(stopping))
+            log.info("relay started", sources=[s.name for s in self.sources],
+                     sinks=[r.name for r in self.runners], journal=self.config.journal.path,
+                     metrics=f"{self.config.metrics.listen}" if self.metrics_port else "off")
+            self.notifier.ready(f"polling {len(self.sources)} source(s)")
+            if on_ready is not None:
+                result = on_ready(self)
+                if result is not None:
+                    await result
+            await stopping.wait()
+            control.cancel_scope.cancel()
+
+    def request_stop(self) -> None:
+        if self.stopping is not None and not self.stopping.is_set():
+            self.stopping.set()
+
+    async def _watch_signals(self, workers: TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self.stopping is not None and self.stopping.is_set():
+                    log.warning("second signal: exiting at once", signal=signum.name)
+                    os._exit(128 + signum)
+                log.info("stopping: finishing the batches in flight", signal=signum.name,
+                         grace_seconds=self.config.shutdown_grace)
+                self.notifier.stopping()
+                self.request_stop()
+                workers.cancel_scope.deadline = anyio.current_time() + self.config.shutdown_grace
+
+    async def _supervise(self, what: str, start: Callable[[], Awaitable[None]]) -> None:
+        """Keep a component running: a bug in one must not silently stop the relay."""
+        assert self.stopping is not None
+        while not self.stopping.is_set():
+            try:
+                await start()
+                return
+            except Exception as exc:
+                log.exception("component failed unexpectedly; restarting it in 5 s",
+                              component=what, error=str(exc))
+                with anyio.move_on_after(5):
+                    await self.stopping.wait()
+
+    async def _housekeeping(self) -> None:
+        assert self.journal is not None
+        journal = self.journal
+        c = self.config
+        watchdog = self.notifier.watchdog_interval()
+        last_compact = time.monotonic()
+        last_stats = 0.0
+        while True:
+            now = time.monotonic()
+            if watchdog is not None:
+                self.notifier.watchdog()
+            if now - last_compact >= c.journal.compact_interval:
+                last_compact = now
+                removed = await journal.compact(int(time.time() * 1000))
+                if removed:
+                    metrics.JOURNAL_COMPACTED.inc(removed)
+                    log.info("journal compacted", events=removed)
+            if now - last_stats >= 30:
+                last_stats = now
+                stats = await journal.stats()
+                metrics.JOURNAL_EVENTS.set(stats.events)
+                metrics.JOURNAL_QUARANTINED.set(stats.quarantined)
+            size = journal.size_bytes()
+            metrics.JOURNAL_BYTES.set(size)
+            limit = c.journal.max_bytes
+            if limit and size > limit and now - self._last_limit_warning > 300:
+                self._last_limit_warning = now
+                log.error(
+                    "JOURNAL OVER ITS SIZE LIMIT: sinks are not keeping up; polling continues"
+                    " (dropping data is never the default) until the disk is full",
+                    size_bytes=size, limit_bytes=limit,
+                )
+            interval = HOUSEKEEPING_INTERVAL if watchdog is None else min(HOUSEKEEPING_INTERVAL,
+                                                                          watchdog)
+            await anyio.sleep(interval)
+

@@ -1,0 +1,264 @@
+"""The ``relay`` command line.
+
+Exit status: 0 success; 1 a check or command failed; 2 bad configuration or
+usage (the message names the key), or the journal is held by another relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import click
+
+from relay import __version__
+from relay.config import ConfigError, RelayConfig, load_config
+from relay.event import json_schema
+from relay.journal import JournalError, JournalLockedError, JournalStats, SqliteJournal
+from relay.logs import configure_logging, register_secrets
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"relay: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(config_file: str | None, **kwargs: Any) -> RelayConfig:
+    try:
+        config = load_config(config_file, **kwargs)
+    except ConfigError as exc:
+        fail(f"invalid configuration: {exc}")
+    register_secrets(config.secret_values())
+    return config
+
+
+config_option = click.option(
+    "--config", "config_file", metavar="FILE", envvar="RELAY_CONFIG_FILE",
+    help="TOML configuration (default: $RELAY_CONFIG_FILE or ./relay.toml).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="relay")
+def main() -> None:
+    """IM Relay: RongCloud, WuKongIM and LeanCloud messages → journal → Kafka, webhooks, files."""
+
+
+@main.command()
+@config_option
+def run(config_file: str | None) -> None:
+    """Run the relay until SIGTERM/SIGINT."""
+    config = _load(config_file)
+    configure_logging(config.log.level, config.log.format)
+    _run_relay(config)
+
+
+def _run_relay(config: RelayConfig, on_ready: Callable[[Any], Any] | None = None) -> None:
+    from relay.app import Relay
+
+    relay = Relay(config)
+    try:
+        anyio.run(relay.run, on_ready)
+    except JournalLockedError as exc:
+        fail(str(exc))
+    except JournalError as exc:
+        fail(str(exc), 1)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the normalized event (im-relay.event/1)."""
+    click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+
+
+def _ago(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    seconds = max(0.0, time.time() - ms / 1000)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _format_status(stats: JournalStats) -> str:
+    lines = [
+        f"journal     {stats.path}",
+        f"size        {stats.bytes / 1e6:.1f} MB",
+        f"events      {stats.events} held, last seq {stats.max_seq}, oldest fetched "
+        f"{_ago(stats.oldest_fetched_at)}",
+        f"quarantined {stats.quarantined}",
+        f"dead letters {stats.dead_letters}",
+        "",
+        f"{'sink':<20} {'cursor':>10} {'pending':>10}  oldest pending",
+    ]
+    for sink in stats.sinks:
+        lag = _ago(sink.oldest_pending_fetched_at) if sink.pending else "caught up"
+        lines.append(f"{sink.sink:<20} {sink.cursor:>10} {sink.pending:>10}  {lag}")
+    if stats.cursors:
+        lines += ["", "source cursors"]
+        for key, value in stats.cursors.items():
+            shown = value
+            if key.endswith("_ms") and value.isdigit():
+                shown = f"{_iso(int(value))} ({_ago(int(value))})"
+            lines.append(f"  {key:<40} {shown}")
+    return "\n".join(lines)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_file: str | None, as_json: bool) -> None:
+    """Journal depth, source cursors and the lag of every sink."""
+    config = _load(config_file, require_components=False)
+
+    async def read() -> JournalStats:
+        journal = SqliteJournal.open_readonly(config.journal.path)
+        try:
+            return await journal.stats()
+        finally:
+            await journal.close()
+
+    try:
+        stats = anyio.run(read)
+    except JournalError as exc:
+        fail(str(exc), 1)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps(asdict(stats), indent=2))
+    else:
+        click.echo(_format_status(stats))
+
+
+@main.command()
+@config_option
+def check(config_file: str | None) -> None:
+    """Validate the configuration and reach every endpoint without consuming anything."""
+    config = _load(config_file)
+    configure_logging("error", "console")
+
+    async def probe() -> list[Any]:
+        from relay.sinks import build_sink
+        from relay.sources import build_source
+
+        results: list[Any] = []
+        for name, cfg in config.sources.items():
+            results.extend(await build_source(name, cfg).check())
+        for name, sink_cfg in config.sinks.items():
+            results.extend(await build_sink(name, sink_cfg).check())
+        return results
+
+    results = anyio.run(probe)
+    click.echo(f"configuration ok: {len(config.sources)} source(s), {len(config.sinks)} sink(s)")
+    failed = 0
+    for r in results:
+        mark = "ok  " if r.ok else "FAIL"
+        if r.ok and r.warning:
+            mark = "warn"
+        failed += 0 if r.ok else 1
+        click.echo(f"{mark} {r.component:<24} {r.target}: {r.detail}")
+    sys.exit(1 if failed else 0)
+
+
+# -- emulators ---------------------------------------------------------------
+
+
+def _serve_emulator(start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def main_task() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await start()
+
+    asyncio.run(main_task())
+
+
+@main.group()
+def emulate() -> None:
+    """Run a provider emulator on loopback (for trying the relay without credentials)."""
+
+
+@emulate.command("rongcloud")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", "ports", type=int, multiple=True, default=[18080], show_default=True,
+              help="Repeat for a backup domain on another port.")
+@click.option("--app-key", default="demo-app-key", show_default=True)
+@click.option("--app-secret", default="demo-app-secret", show_default=True)
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--budget", type=int, default=10, show_default=True,
+              help="Requests per second per endpoint; 0 = unlimited.")
+@click.option("--retention", type=float, default=10800.0, show_default=True, help="Seconds.")
+@click.option("--redelivery", type=float, default=0.0, show_default=True,
+              help="Share of served messages served again later.")
+@click.option("--rate", type=float, default=0.0, show_default=True, help="New messages/s.")
+@click.option("--backlog", type=int, default=0, show_default=True,
+              help="Messages queued at start.")
+@click.option("--error-ratio", type=float, default=0.0, show_default=True)
+@click.option("--malformed-ratio", type=float, default=0.0, show_default=True)
+@click.option("--slow-ratio", type=float, default=0.0, show_default=True)
+@click.option("--slow-seconds", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+def emulate_rongcloud(host: str, ports: tuple[int, ...], app_key: str, app_secret: str,
+                      batch_size: int, budget: int, retention: float, redelivery: float,
+                      rate: float, backlog: int, error_ratio: float, malformed_ratio: float,
+                      slow_ratio: float, slow_seconds: float, seed: int | None) -> None:
+    """RongCloud high-assurance message routing (rtmsg/*/qrymsg.json)."""
+    from relay.emulators.harness import Faults
+    from relay.emulators.rongcloud import RongCloudEmulator
+
+    emulator = RongCloudEmulator(
+        app_key, app_secret, batch_size=batch_size, budget=budget or None, retention=retention,
+        redelivery_ratio=redelivery, seed=seed,
+        faults=Faults(error_ratio=error_ratio, malformed_ratio=malformed_ratio,
+                      slow_ratio=slow_ratio, slow_seconds=slow_seconds),
+    )
+    if backlog:
+        emulator.generate(backlog)
+
+    async def start() -> None:
+        server = emulator.make_server(host, list(ports))
+        await server.start()
+        emulator.set_traffic(rate)
+        click.echo(json.dumps({"emulator": "rongcloud", "urls": server.urls, "app_key": app_key,
+                               "admin": f"{server.urls[0]}/_emulator/stats"}), err=False)
+        sys.stdout.flush()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            emulator.set_traffic(0)
+            await server.stop()
+
+    _serve_emulator(start)
+
+
+@main.command()
+@click.option("--dir", "directory", default="var/demo", show_default=True,
+              help="Where the journal, events and demo configuration go.")
+@click.option("--rate", type=float, default=20.0, show_default=True,
+              help="Messages per second the emulators generate.")
+def demo(directory: str, rate: float) -> None:
+    """Emulators + relay + file sink, with no configuration at all, until Ctrl-C."""
+    from relay.demo import run_demo
+
+    try:
+        run_demo(Path(directory), rate)
+    except JournalLockedError as exc:
+        fail(str(exc))

@@ -1,0 +1,187 @@
+"""Loading the relay's configuration: a TOML file plus ``RELAY_`` environment overrides.
+
+``RELAY_SOURCES__RC__APP_SECRET=...`` overrides ``[sources.rc] app_secret``
+(``__`` separates levels; names are case-insensitive, so source and sink
+names are lowercase). Secrets can also come from ``*_file`` paths. Any
+problem raises :class:`ConfigError` with one message naming the key; the CLI
+turns it into exit status 2. Messages never quote the offending value: it
+might be a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from relay.config_base import ByteSize, Duration
+from relay.logs import LogFormat
+from relay.sinks import SINKS, SinkConfigUnion
+from relay.sources import SOURCES, SourceConfig
+
+DEFAULT_CONFIG_FILE = "relay.toml"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+RETENTION_FLOOR = 3 * 3600.0  # RongCloud keeps undelivered data 3 h: dedup at least that long
+
+
+class ConfigError(Exception):
+    """An invalid configuration; the message names the key."""
+
+
+class JournalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = "var/relay.db"
+    dedup_window: Duration = 86400.0
+    retain: Duration = 86400.0
+    max_bytes: ByteSize | None = Field(default=None, gt=0)
+    min_free_bytes: ByteSize = 64 * 1024 * 1024
+    compact_interval: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _windows(self) -> JournalConfig:
+        if self.dedup_window < RETENTION_FLOOR:
+            raise ValueError("dedup_window: must be at least 3h (the providers' retention)")
+        if self.retain < self.dedup_window:
+            raise ValueError("retain: must be at least dedup_window")
+        return self
+
+
+class MetricsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:9464")
+        return value
+
+
+class LogConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: LogFormat = "auto"
+
+
+class RelayConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    shutdown_grace: Duration = 20.0
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    sinks: dict[str, SinkConfigUnion] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @field_validator("sources", "sinks")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"{name!r} is not a valid name (lowercase letters, digits, '_' and '-')"
+                )
+        return value
+
+    def secret_values(self) -> list[str]:
+        values: list[str] = []
+        for component in [*self.sources.values(), *self.sinks.values()]:
+            values.extend(component.secret_values())
+        return values
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc]
+    # Discriminated unions add the tag ("rongcloud", "file") after the table name.
+    tags = {"sources": SOURCES.keys(), "sinks": SINKS.keys()}
+    if len(parts) >= 3 and parts[0] in tags and parts[2] in tags[parts[0]]:
+        del parts[2]
+    return ".".join(parts)
+
+
+def _format_error(exc: ValidationError) -> str:
+    error = exc.errors(include_input=False, include_url=False)[0]
+    key = _format_location(tuple(error["loc"]))
+    kind = error["type"]
+    if kind == "missing":
+        message = "is required"
+    elif kind == "extra_forbidden":
+        message = "is not a known setting"
+    elif kind == "union_tag_invalid":
+        message = f"unknown type ({error['msg'].split(':', 1)[-1].strip()})"
+        key = f"{key}.type"
+    elif kind == "union_tag_not_found":
+        message = "needs a type"
+        key = f"{key}.type"
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+        # Validators report the sub-key themselves as "key: message".
+        head, sep, rest = message.partition(": ")
+        if sep and re.fullmatch(r"[a-z_]+", head):
+            key = f"{key}.{head}" if key else head
+            message = rest
+    more = len(exc.errors())
+    suffix = f" (and {more - 1} more problem{'s' if more > 2 else ''})" if more > 1 else ""
+    return f"{key}: {message}{suffix}" if key else f"{message}{suffix}"
+
+
+def config_path(explicit: str | None) -> Path:
+    return Path(explicit or os.environ.get("RELAY_CONFIG_FILE") or DEFAULT_CONFIG_FILE)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, *, require_components: bool = True
+) -> RelayConfig:
+    """Read, merge and validate; raises :class:`ConfigError` naming the offending key."""
+    file = config_path(str(path) if path is not None else None)
+    try:
+        with file.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {file} not found (give --config FILE or set RELAY_CONFIG_FILE)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    try:
+        config = RelayConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    if require_components:
+        if not config.sources:
+            raise ConfigError("sources: at least one [sources.NAME] table is required")
+        if not config.sinks:
+            raise ConfigError("sinks: at least one [sinks.NAME] table is required")
+    return config

@@ -1,0 +1,1 @@
+"""Provider emulators: each provider's side, written from its documents (see ``relay emulate``)."""

@@ -1,0 +1,183 @@
+"""Serving an emulator: aiohttp on loopback ports, fault injection, a background thread.
+
+Shared by the emulators only (never by the sources: an emulator is the
+provider's side, written from the provider's documents).
+
+Faults, switchable at any time:
+
+- ``error_ratio``: answer 5xx;
+- ``malformed_ratio``: answer 200 with a truncated JSON body;
+- ``slow_ratio`` / ``slow_seconds``: wait before answering;
+- ``refuse(index, seconds)``: close a listening port so connections are refused.
+
+``consume_on_fault`` says whether a 5xx / malformed answer takes its batch
+with it (as a consume-on-read provider would if it failed after dequeuing);
+the emulator then records the batch as lost so tests can account for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class Faults:
+    error_ratio: float = 0.0
+    error_status: int = 500
+    malformed_ratio: float = 0.0
+    slow_ratio: float = 0.0
+    slow_seconds: float = 0.0
+    consume_on_fault: bool = False
+
+    def update(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if not hasattr(self, key):
+                raise ValueError(f"unknown fault {key!r}")
+            current = getattr(self, key)
+            setattr(self, key, type(current)(value))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FaultPlan:
+    """Draws which fault, if any, hits one answer."""
+
+    def __init__(self, faults: Faults, rng: random.Random) -> None:
+        self.faults = faults
+        self.rng = rng
+
+    def error(self) -> bool:
+        return self.faults.error_ratio > 0 and self.rng.random() < self.faults.error_ratio
+
+    def malformed(self) -> bool:
+        return self.faults.malformed_ratio > 0 and self.rng.random() < self.faults.malformed_ratio
+
+    async def maybe_slow(self) -> None:
+        if self.faults.slow_ratio > 0 and self.rng.random() < self.faults.slow_ratio:
+            await asyncio.sleep(self.faults.slow_seconds)
+
+
+def truncated_json(body: bytes) -> bytes:
+    """A JSON answer cut in the middle: what a broken proxy or reset would leave."""
+    return body[: max(1, len(body) // 2)]
+
+
+class EmulatorServer:
+    """An aiohttp application on one or more loopback ports (primary, backup, ...)."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1",
+                 ports: list[int] | None = None) -> None:
+        self.app = app
+        self.host = host
+        self._requested_ports = ports or [0]
+        self.ports: list[int] = []
+        self._runner: web.AppRunner | None = None
+        self._sites: list[web.TCPSite | None] = []
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        for port in self._requested_ports:
+            site = web.TCPSite(self._runner, self.host, port, reuse_address=True)
+            await site.start()
+            server = site._server  # the bound port, when 0 was asked for
+            assert server is not None
+            sockets = getattr(server, "sockets", None) or []
+            bound = sockets[0].getsockname()[1] if sockets else port
+            self.ports.append(bound)
+            self._sites.append(site)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{self.host}:{port}" for port in self.ports]
+
+    async def refuse(self, index: int, seconds: float | None = None) -> None:
+        """Stop listening on one port (connections are refused); back after ``seconds``."""
+        site = self._sites[index]
+        if site is not None:
+            await site.stop()
+            self._sites[index] = None
+        if seconds is not None:
+            asyncio.get_running_loop().call_later(
+                seconds, lambda: asyncio.ensure_future(self.resume(index))
+            )
+
+    async def resume(self, index: int) -> None:
+        if self._sites[index] is not None or self._runner is None:
+            return
+        site = web.TCPSite(self._runner, self.host, self.ports[index], reuse_address=True)
+        await site.start()
+        self._sites[index] = site
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread, for running an emulator beside a test or demo."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="emulator", daemon=True)
+        self._started = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        self.loop.run_forever()
+        # Let cancelled tasks finish, then close cleanly (no ResourceWarning).
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(10)
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 30) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], _T], timeout: float = 30) -> _T:
+        async def wrapper() -> _T:
+            return fn()
+
+        return self.run(wrapper(), timeout)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+def monotonic() -> float:
+    return time.monotonic()
+
+
+async def run_forever(server: EmulatorServer, on_start: Callable[[], None] | None = None) -> None:
+    """Serve until cancelled (``relay emulate ...``)."""
+    await server.start()
+    if on_start:
+        on_start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await server.stop()

@@ -1,0 +1,33 @@
+"""The durable event journal (see :mod:`relay.journal.base` for the interface)."""
+
+from relay.journal.base import (
+    CommitResult,
+    DeadLetter,
+    Journal,
+    JournalError,
+    JournalFullError,
+    JournalLockedError,
+    JournalSchemaError,
+    JournalStats,
+    NewEvent,
+    QuarantinedRecord,
+    SinkLag,
+    StoredEvent,
+)
+from relay.journal.sqlite import SqliteJournal
+
+__all__ = [
+    "CommitResult",
+    "DeadLetter",
+    "Journal",
+    "JournalError",
+    "JournalFullError",
+    "JournalLockedError",
+    "JournalSchemaError",
+    "JournalStats",
+    "NewEvent",
+    "QuarantinedRecord",
+    "SinkLag",
+    "SqliteJournal",
+    "StoredEvent",
+]

@@ -1,0 +1,201 @@
+"""The journal interface: what sources, sinks and the CLI may rely on.
+
+Everything outside ``relay.journal`` talks to the journal only through
+:class:`Journal`, so that a shared backend (PostgreSQL, for several replicas
+with one active poller per source) can replace the embedded SQLite one.
+
+Exceptions::
+
+    JournalError
+    ├── JournalLockedError   another relay holds the journal (exit 2)
+    ├── JournalFullError     no space left: stop acknowledging, retry later
+    └── JournalSchemaError   the file was written by a newer relay
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+
+class JournalError(Exception):
+    """Base of the journal's errors."""
+
+
+class JournalLockedError(JournalError):
+    """Another process holds the journal's single-writer lock."""
+
+
+class JournalFullError(JournalError):
+    """The journal's file system has no room: nothing was committed."""
+
+
+class JournalSchemaError(JournalError):
+    """The journal was written by a newer version and cannot be migrated."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A normalized event on its way into the journal."""
+
+    id: str
+    source: str
+    provider: str
+    kind: str
+    channel_type: str
+    type: str
+    conversation: str
+    sent_at: int
+    fetched_at: int
+    payload: bytes
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> NewEvent:
+        return cls(
+            id=event["id"],
+            source=event["source"],
+            provider=event["provider"],
+            kind=event["kind"],
+            channel_type=event["channel"]["type"],
+            type=event["type"],
+            conversation=event["conversation"],
+            sent_at=event["sent_at"],
+            fetched_at=event["fetched_at"],
+            payload=orjson.dumps(event),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as read back from the journal, in journal order (``seq``)."""
+
+    seq: int
+    id: str
+    source: str
+    provider: str
+    kind: str
+    channel_type: str
+    type: str
+    conversation: str
+    sent_at: int
+    fetched_at: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedRecord:
+    """A provider record (or whole response) that could not be parsed, kept raw."""
+
+    source: str
+    endpoint: str
+    error: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    new: int
+    duplicates: int
+    quarantined: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SinkLag:
+    sink: str
+    cursor: int
+    pending: int
+    oldest_pending_fetched_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event a sink gave up on, with why and how often it tried."""
+
+    dlid: int
+    sink: str
+    event_seq: int
+    event_id: str
+    error: str
+    attempts: int
+    failed_at: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class JournalStats:
+    path: str
+    max_seq: int
+    events: int
+    bytes: int
+    oldest_fetched_at: int | None
+    quarantined: int
+    dead_letters: int
+    sinks: list[SinkLag] = field(default_factory=list)
+    cursors: dict[str, str] = field(default_factory=dict)
+
+
+class Journal(Protocol):
+    """Durable, deduplicating event log with per-source and per-sink cursors."""
+
+    @property
+    def last_seq(self) -> int:
+        """The highest ``seq`` committed by this process or found at open."""
+
+    async def commit_batch(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        cursors: Mapping[str, str] | None = None,
+        quarantine: Sequence[QuarantinedRecord] = (),
+    ) -> CommitResult:
+        """Atomically insert new events (dropping known ids), quarantine and cursor moves."""
+
+    async def get_cursors(self, prefix: str) -> dict[str, str]:
+        """Source cursors whose key starts with ``prefix``."""
+
+    async def set_cursors(self, cursors: Mapping[str, str]) -> None:
+        """Move cursors that are not tied to a batch (e.g. the time of the last poll)."""
+
+    async def read(self, after_seq: int, limit: int) -> list[StoredEvent]:
+        """Events with ``seq > after_seq`` in journal order."""
+
+    async def wait_for_events(self, after_seq: int, timeout: float) -> None:
+        """Return when an event past ``after_seq`` exists, or after ``timeout`` seconds."""
+
+    async def register_sinks(self, names: Sequence[str], *, prune: bool) -> None:
+        """Create cursors for new sinks (at the start of the journal); drop unknown ones."""
+
+    async def sink_cursor(self, sink: str) -> int:
+        """The last ``seq`` the sink has delivered."""
+
+    async def advance_sink(self, sink: str, seq: int) -> None:
+        """Record that the sink delivered everything up to ``seq``."""
+
+    async def rewind_sink(self, sink: str, since_ms: int) -> int:
+        """Move a sink's cursor back to re-deliver events fetched at or after ``since_ms``."""
+
+    async def add_dead_letters(
+        self, sink: str, events: Sequence[StoredEvent], error: str, attempts: int
+    ) -> None:
+        """Keep events a sink gave up on, with the error."""
+
+    async def dead_letters(self, sink: str | None, limit: int) -> list[DeadLetter]: ...
+
+    async def remove_dead_letters(self, dlids: Sequence[int]) -> int: ...
+
+    async def compact(self, now_ms: int) -> int:
+        """Drop events past retention that every sink has delivered; returns how many."""
+
+    async def stats(self) -> JournalStats: ...
+
+    def size_bytes(self) -> int:
+        """Bytes the journal occupies on disk."""
+
+    def has_space(self) -> bool:
+        """False when the file system is (nearly) full: sources must not poll."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,530 @@
+"""The embedded journal: one SQLite file in WAL mode with ``synchronous=FULL``.
+
+A batch is committed in one transaction (events, quarantined records and the
+source cursor together), so a crash leaves either all of it or none of it.
+Blocking SQLite calls run in worker threads, one writer connection and one
+reader connection, each used by one thread at a time; cancelling an awaiting
+task never abandons a transaction half way (anyio waits for the thread).
+
+Single writer: an exclusive ``flock`` on ``<path>.lock``; a second relay gets
+:class:`JournalLockedError`. Read-only openers (``relay status``) take no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from relay.journal.base import (
+    CommitResult,
+    DeadLetter,
+    JournalError,
+    JournalFullError,
+    JournalLockedError,
+    JournalSchemaError,
+    JournalStats,
+    NewEvent,
+    QuarantinedRecord,
+    SinkLag,
+    StoredEvent,
+)
+
+SCHEMA_VERSION = 1
+
+_T = TypeVar("_T")
+
+# Migrations from version N-1 to N, applied in order inside one transaction each.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE events(
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            source TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            channel_type TEXT NOT NULL,
+            type TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            sent_at INTEGER NOT NULL,
+            fetched_at INTEGER NOT NULL,
+            payload BLOB NOT NULL)""",
+        """CREATE TABLE cursors(
+            key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at INTEGER NOT NULL)""",
+        """CREATE TABLE sink_cursors(
+            sink TEXT PRIMARY KEY, seq INTEGER NOT NULL, updated_at INTEGER NOT NULL)""",
+        """CREATE TABLE quarantine(
+            qid INTEGER PRIMARY KEY AUTOINCREMENT,
+            source TEXT NOT NULL, endpoint TEXT NOT NULL, received_at INTEGER NOT NULL,
+            error TEXT NOT NULL, raw BLOB NOT NULL)""",
+        """CREATE TABLE dead_letters(
+            dlid INTEGER PRIMARY KEY AUTOINCREMENT,
+            sink TEXT NOT NULL, event_seq INTEGER NOT NULL, event_id TEXT NOT NULL,
+            error TEXT NOT NULL, attempts INTEGER NOT NULL, failed_at INTEGER NOT NULL,
+            payload BLOB NOT NULL)""",
+        "CREATE INDEX dead_letters_sink ON dead_letters(sink, dlid)",
+    ),
+}
+
+_EVENT_COLUMNS = (
+    "seq, id, source, provider, kind, channel_type, type, conversation, sent_at, fetched_at,"
+    " payload"
+)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return True
+    # Some I/O failures surface only as text (extended codes vary by platform).
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
+
+
+class _Connection:
+    """A sqlite3 connection used by one thread at a time."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.limiter = anyio.CapacityLimiter(1)
+        self.lock = threading.Lock()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        def call() -> _T:
+            with self.lock:
+                return fn(self.conn)
+
+        return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+
+
+class SqliteJournal:
+    """The embedded :class:`~relay.journal.base.Journal`."""
+
+    def __init__(
+        self,
+        path: Path,
+        writer: sqlite3.Connection | None,
+        reader: sqlite3.Connection,
+        lock_fd: int | None,
+        *,
+        retain_ms: int,
+        min_free_bytes: int,
+    ) -> None:
+        self.path = path
+        self._writer = _Connection(writer) if writer is not None else None
+        self._reader = _Connection(reader)
+        self._lock_fd = lock_fd
+        self._retain_ms = retain_ms
+        self._min_free_bytes = min_free_bytes
+        self._last_seq = self._query_max_seq(reader)
+        self._new_events: anyio.Event | None = None
+        self._space_checked_at = 0.0
+        self._space_ok = True
+
+    # -- opening -----------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        retain_seconds: float = 86400.0,
+        min_free_bytes: int = 64 * 1024 * 1024,
+    ) -> SqliteJournal:
+        """Open (creating and migrating) the journal for writing; takes the single-writer lock."""
+        db_path = Path(path)
+        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise JournalLockedError(
+                f"the journal {db_path} is in use by another relay process "
+                "(one writer per journal)"
+            ) from None
+        try:
+            # Chat content: owner-only from the first byte. SQLite gives the
+            # -wal and -shm files the permissions of the main file.
+            os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+            writer = cls._connect(db_path)
+            cls._migrate(writer)
+            reader = cls._connect(db_path)
+        except sqlite3.Error as exc:
+            os.close(lock_fd)
+            raise JournalError(f"cannot open the journal {db_path}: {exc}") from None
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(
+            db_path,
+            writer,
+            reader,
+            lock_fd,
+            retain_ms=int(retain_seconds * 1000),
+            min_free_bytes=min_free_bytes,
+        )
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> SqliteJournal:
+        """Open an existing journal for reading (``relay status``); takes no lock."""
+        db_path = Path(path)
+        if not db_path.exists():
+            raise JournalError(f"no journal at {db_path}")
+        try:
+            reader = sqlite3.connect(
+                f"file:{db_path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            )
+            version = reader.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot read the journal {db_path}: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise JournalSchemaError(
+                f"the journal {db_path} has schema version {version}; this relay knows "
+                f"{SCHEMA_VERSION}: upgrade the relay"
+            )
+        return cls(db_path, None, reader, None, retain_ms=0, min_free_bytes=0)
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise JournalSchemaError(
+                f"the journal has schema version {version}; this relay knows {SCHEMA_VERSION}: "
+                "upgrade the relay"
+            )
+        if version == 0:
+            # Must precede the first table to take effect.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _MIGRATIONS[target]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={target}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _query_max_seq(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
+        return int(row[0]) if row else 0
+
+    # -- writing -----------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def _w(self) -> _Connection:
+        if self._writer is None:
+            raise JournalError("the journal was opened read-only")
+        return self._writer
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        def transaction(conn: sqlite3.Connection) -> _T:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if _is_disk_full(exc):
+                    raise JournalFullError(f"journal write failed, no space: {exc}") from None
+                raise JournalError(f"journal write failed: {exc}") from None
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._w().run(transaction)
+
+    async def commit_batch(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        cursors: Mapping[str, str] | None = None,
+        quarantine: Sequence[QuarantinedRecord] = (),
+    ) -> CommitResult:
+        now = _now_ms()
+        rows = [
+            (
+                e.id,
+                e.source,
+                e.provider,
+                e.kind,
+                e.channel_type,
+                e.type,
+                e.conversation,
+                e.sent_at,
+                e.fetched_at,
+                e.payload,
+            )
+            for e in events
+        ]
+
+        def apply(conn: sqlite3.Connection) -> CommitResult:
+            new = 0
+            if rows:
+                cur = conn.executemany(
+                    "INSERT OR IGNORE INTO events(id, source, provider, kind, channel_type, type,"
+                    " conversation, sent_at, fetched_at, payload) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                new = cur.rowcount
+            if quarantine:
+                conn.executemany(
+                    "INSERT INTO quarantine(source, endpoint, received_at, error, raw)"
+                    " VALUES (?,?,?,?,?)",
+                    [(q.source, q.endpoint, now, q.error, q.raw) for q in quarantine],
+                )
+            if cursors:
+                conn.executemany(
+                    "INSERT INTO cursors(key, value, updated_at) VALUES (?,?,?)"
+                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
+                    " updated_at=excluded.updated_at",
+                    [(k, v, now) for k, v in cursors.items()],
+                )
+            last = self._query_max_seq(conn) if new else self._last_seq
+            return CommitResult(
+                new=new, duplicates=len(rows) - new, quarantined=len(quarantine), last_seq=last
+            )
+
+        result = await self._write(apply)
+        if result.new:
+            self._last_seq = result.last_seq
+            if self._new_events is not None:
+                self._new_events.set()
+                self._new_events = None
+        return result
+
+    async def set_cursors(self, cursors: Mapping[str, str]) -> None:
+        await self.commit_batch((), cursors=cursors)
+
+    async def get_cursors(self, prefix: str) -> dict[str, str]:
+        def query(conn: sqlite3.Connection) -> dict[str, str]:
+            rows = conn.execute(
+                "SELECT key, value FROM cursors WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall()
+            return {k: v for k, v in rows}
+
+        return await self._reader.run(query)
+
+    # -- sinks -------------------------------------------------------------
+
+    async def read(self, after_seq: int, limit: int) -> list[StoredEvent]:
+        def query(conn: sqlite3.Connection) -> list[StoredEvent]:
+            rows = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+                (after_seq, limit),
+            ).fetchall()
+            return [StoredEvent(*row) for row in rows]
+
+        return await self._reader.run(query)
+
+    async def wait_for_events(self, after_seq: int, timeout: float) -> None:
+        if self._last_seq > after_seq:
+            return
+        if self._new_events is None:
+            self._new_events = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._new_events.wait()
+
+    async def register_sinks(self, names: Sequence[str], *, prune: bool) -> None:
+        now = _now_ms()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO sink_cursors(sink, seq, updated_at) VALUES (?, 0, ?)",
+                [(name, now) for name in names],
+            )
+            if prune:
+                marks = ",".join("?" * len(names))
+                conn.execute(f"DELETE FROM sink_cursors WHERE sink NOT IN ({marks})", tuple(names))  # noqa: S608
+
+        await self._write(apply)
+
+    async def sink_cursor(self, sink: str) -> int:
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT seq FROM sink_cursors WHERE sink = ?", (sink,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._reader.run(query)
+
+    async def advance_sink(self, sink: str, seq: int) -> None:
+        now = _now_ms()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
+                " ON CONFLICT(sink) DO UPDATE SET seq=max(seq, excluded.seq),"
+                " updated_at=excluded.updated_at",
+                (sink, seq, now),
+            )
+
+        await self._write(apply)
+
+    async def rewind_sink(self, sink: str, since_ms: int) -> int:
+        now = _now_ms()
+
+        def apply(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT min(seq) FROM events WHERE fetched_at >= ?", (since_ms,)
+            ).fetchone()
+            target = (int(row[0]) - 1) if row and row[0] is not None else self._query_max_seq(conn)
+            conn.execute(
+                "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
+                " ON CONFLICT(sink) DO UPDATE SET seq=excluded.seq, updated_at=excluded.updated_at",
+                (sink, target, now),
+            )
+            return target
+
+        return await self._write(apply)
+
+    # -- dead letters ------------------------------------------------------
+
+    async def add_dead_letters(
+        self, sink: str, events: Sequence[StoredEvent], error: str, attempts: int
+    ) -> None:
+        now = _now_ms()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO dead_letters(sink, event_seq, event_id, error, attempts, failed_at,"
+                " payload) VALUES (?,?,?,?,?,?,?)",
+                [(sink, e.seq, e.id, error, attempts, now, e.payload) for e in events],
+            )
+
+        await self._write(apply)
+
+    async def dead_letters(self, sink: str | None, limit: int) -> list[DeadLetter]:
+        def query(conn: sqlite3.Connection) -> list[DeadLetter]:
+            sql = (
+                "SELECT dlid, sink, event_seq, event_id, error, attempts, failed_at, payload"
+                " FROM dead_letters"
+            )
+            params: tuple[Any, ...] = ()
+            if sink is not None:
+                sql += " WHERE sink = ?"
+                params = (sink,)
+            rows = conn.execute(sql + " ORDER BY dlid LIMIT ?", (*params, limit)).fetchall()
+            return [DeadLetter(*row) for row in rows]
+
+        return await self._reader.run(query)
+
+    async def remove_dead_letters(self, dlids: Sequence[int]) -> int:
+        def apply(conn: sqlite3.Connection) -> int:
+            cur = conn.executemany("DELETE FROM dead_letters WHERE dlid = ?", [(d,) for d in dlids])
+            return cur.rowcount
+
+        return await self._write(apply)
+
+    # -- housekeeping ------------------------------------------------------
+
+    async def compact(self, now_ms: int) -> int:
+        cutoff = now_ms - self._retain_ms
+
+        def apply(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT min(seq) FROM sink_cursors").fetchone()
+            delivered = int(row[0]) if row and row[0] is not None else self._query_max_seq(conn)
+            deleted = 0
+            # Chunks keep each transaction (and the writer's lock) short.
+            while True:
+                cur = conn.execute(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq <= ?"
+                    " AND fetched_at < ? ORDER BY seq LIMIT 20000)",
+                    (delivered, cutoff),
+                )
+                deleted += cur.rowcount
+                if cur.rowcount < 20000:
+                    break
+                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM quarantine WHERE received_at < ?", (cutoff,))
+            return deleted
+
+        deleted = await self._write(apply)
+        if deleted:
+            await self._w().run(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
+        return deleted
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def has_space(self) -> bool:
+        if self._min_free_bytes <= 0:
+            return True
+        now = time.monotonic()
+        if now - self._space_checked_at >= 1.0:
+            self._space_checked_at = now
+            try:
+                self._space_ok = shutil.disk_usage(self.path.parent).free >= self._min_free_bytes
+            except OSError:
+                self._space_ok = False
+        return self._space_ok
+
+    async def stats(self) -> JournalStats:
+        def query(conn: sqlite3.Connection) -> JournalStats:
+            max_seq = self._query_max_seq(conn)
+            count, oldest = conn.execute("SELECT count(*), min(fetched_at) FROM events").fetchone()
+            quarantined = conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+            dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+            sinks = []
+            for sink, cursor in conn.execute("SELECT sink, seq FROM sink_cursors ORDER BY sink"):
+                pending, oldest_pending = conn.execute(
+                    "SELECT count(*), min(fetched_at) FROM events WHERE seq > ?", (cursor,)
+                ).fetchone()
+                sinks.append(SinkLag(sink, int(cursor), int(pending), oldest_pending))
+            cursors = dict(conn.execute("SELECT key, value FROM cursors ORDER BY key").fetchall())
+            return JournalStats(
+                path=str(self.path),
+                max_seq=max_seq,
+                events=int(count),
+                bytes=self.size_bytes(),
+                oldest_fetched_at=oldest,
+                quarantined=int(quarantined),
+                dead_letters=int(dead),
+                sinks=sinks,
+                cursors=cursors,
+            )
+
+        return await self._reader.run(query)
+
+    async def close(self) -> None:
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                await conn.run(lambda c: c.close())
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,174 @@
+"""Every Prometheus metric the relay exports, in one registry.
+
+Names follow ``relay_<noun>_<unit>``; labels are low-cardinality only
+(source, endpoint, sink, outcome, stage) — never event ids, user ids or URLs.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from relay import __version__
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0, 1800.0, 3600.0, 10800.0)
+
+BUILD_INFO = Info("relay_build", "Version of the running relay.", registry=REGISTRY)
+BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
+
+# -- sources -----------------------------------------------------------------
+SOURCE_REQUESTS = Counter(
+    "relay_source_requests_total",
+    "Requests to provider APIs by outcome (ok, empty, throttled, config_error, transient_error,"
+    " connect_error, timeout, malformed).",
+    ["source", "endpoint", "outcome"],
+    registry=REGISTRY,
+)
+SOURCE_BUDGET_WAITS = Counter(
+    "relay_source_budget_waits_total",
+    "Requests held back by the relay's own request budget (over-budget requests avoided).",
+    ["source", "endpoint"],
+    registry=REGISTRY,
+)
+SOURCE_SUSPECTED_THROTTLED = Counter(
+    "relay_source_suspected_throttled_total",
+    "Empty answers right after a non-empty one: possibly a provider-side throttle.",
+    ["source", "endpoint"],
+    registry=REGISTRY,
+)
+SOURCE_EVENTS = Counter(
+    "relay_source_events_total",
+    "Records fetched from providers by outcome (new, duplicate, quarantined).",
+    ["source", "endpoint", "outcome"],
+    registry=REGISTRY,
+)
+SOURCE_POSSIBLE_LOSS = Counter(
+    "relay_source_possible_loss_total",
+    "Responses of consume-on-read endpoints that were not fully received: their batch may be lost.",
+    ["source", "endpoint"],
+    registry=REGISTRY,
+)
+SOURCE_DATA_AGE = Gauge(
+    "relay_source_data_age_seconds",
+    "Age of the oldest record in the last non-empty batch (provider time to fetch).",
+    ["source", "endpoint"],
+    registry=REGISTRY,
+)
+SOURCE_LAST_SUCCESS = Gauge(
+    "relay_source_last_success_timestamp_seconds",
+    "Unix time of the last successful poll of the endpoint.",
+    ["source", "endpoint"],
+    registry=REGISTRY,
+)
+SOURCE_RETENTION = Gauge(
+    "relay_source_retention_seconds",
+    "How long the provider keeps undelivered data for this endpoint (0 = unbounded).",
+    ["source", "endpoint"],
+    registry=REGISTRY,
+)
+SOURCE_FAILOVERS = Counter(
+    "relay_source_failovers_total",
+    "Switches to the next base URL.",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_CONFIG_ERROR = Gauge(
+    "relay_source_config_error",
+    "1 while the provider rejects the relay's credentials or configuration.",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_SEQ_GAPS = Counter(
+    "relay_source_seq_gaps_total",
+    "Messages missing from a provider sequence (gaps in message_seq).",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_FETCH_LATENCY = Histogram(
+    "relay_source_fetch_latency_seconds",
+    "Provider server time of a record to its fetch by the relay.",
+    ["source"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+SOURCE_CLOCK_SKEW = Gauge(
+    "relay_source_clock_skew_seconds",
+    "Provider Date header minus local clock at the last response.",
+    ["source"],
+    registry=REGISTRY,
+)
+
+# -- journal -----------------------------------------------------------------
+JOURNAL_EVENTS = Gauge("relay_journal_events", "Events held in the journal.", registry=REGISTRY)
+JOURNAL_BYTES = Gauge(
+    "relay_journal_size_bytes", "Size of the journal's files.", registry=REGISTRY
+)
+JOURNAL_LIMIT_BYTES = Gauge(
+    "relay_journal_limit_bytes",
+    "Configured journal size at which the relay alerts (0 = none).",
+    registry=REGISTRY,
+)
+JOURNAL_LAST_SEQ = Gauge(
+    "relay_journal_last_seq", "Highest journal sequence number.", registry=REGISTRY
+)
+JOURNAL_FULL = Gauge(
+    "relay_journal_disk_full",
+    "1 while the journal's file system is full and sources are paused.",
+    registry=REGISTRY,
+)
+JOURNAL_COMMIT_SECONDS = Histogram(
+    "relay_journal_commit_seconds",
+    "Time to commit one fetched batch.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
+JOURNAL_QUARANTINED = Gauge(
+    "relay_journal_quarantined_records", "Unparseable provider records kept raw.", registry=REGISTRY
+)
+JOURNAL_COMPACTED = Counter(
+    "relay_journal_compacted_events_total", "Events removed by compaction.", registry=REGISTRY
+)
+
+# -- sinks -------------------------------------------------------------------
+SINK_DELIVERED = Counter(
+    "relay_sink_delivered_events_total", "Events acknowledged by the sink.", ["sink"],
+    registry=REGISTRY,
+)
+SINK_FILTERED = Counter(
+    "relay_sink_filtered_events_total", "Events skipped by the sink's routing filters.", ["sink"],
+    registry=REGISTRY,
+)
+SINK_ATTEMPTS = Counter(
+    "relay_sink_delivery_attempts_total",
+    "Delivery attempts by outcome (ok, retry, dead_letter, paused).",
+    ["sink", "outcome"],
+    registry=REGISTRY,
+)
+SINK_DEAD_LETTERS = Counter(
+    "relay_sink_dead_letters_total", "Events moved to the dead-letter store.", ["sink"],
+    registry=REGISTRY,
+)
+SINK_PENDING = Gauge(
+    "relay_sink_pending_events", "Journal events not yet delivered by the sink.", ["sink"],
+    registry=REGISTRY,
+)
+SINK_OLDEST_PENDING_AGE = Gauge(
+    "relay_sink_oldest_pending_age_seconds",
+    "Age (since fetch) of the oldest event the sink has not delivered; 0 when caught up.",
+    ["sink"],
+    registry=REGISTRY,
+)
+SINK_UP = Gauge(
+    "relay_sink_up", "1 while the sink's last delivery succeeded.", ["sink"], registry=REGISTRY
+)
+SINK_LATENCY = Histogram(
+    "relay_sink_delivery_latency_seconds",
+    "Fetch of an event by the relay to its acknowledgement by the sink.",
+    ["sink"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)

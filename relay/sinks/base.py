@@ -1,0 +1,94 @@
+"""What every sink provides, its routing filter, and how it reports failure.
+
+A sink receives batches of journal events in journal order and returns only
+when the batch is safe at its destination; the runner then moves the sink's
+cursor. Failure is classified by the sink and retried by the runner::
+
+    SinkError
+    ├── RetryableError   transient: retry the same batch later (honours retry_after)
+    └── SinkPausedError  the destination itself is wrong (auth, 404): pause and alert
+
+Events a destination refuses for good come back in
+:attr:`DeliveryResult.rejected` and go to the dead-letter store; the sink moves on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from relay.config_base import ComponentConfig, Duration
+from relay.journal import StoredEvent
+from relay.sources.base import CheckResult
+
+
+class SinkError(Exception):
+    """A delivery that did not complete."""
+
+
+class RetryableError(SinkError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SinkPausedError(SinkError):
+    """The destination rejects the sink itself (credentials, address): an operator must act."""
+
+
+@dataclass
+class DeliveryResult:
+    rejected: list[tuple[StoredEvent, str]] = field(default_factory=list)
+
+
+class SinkFilter(BaseModel):
+    """Route only matching events to a sink; an empty list matches everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[str] = Field(default_factory=list)
+    providers: list[str] = Field(default_factory=list)
+    kinds: list[str] = Field(default_factory=list)
+    channel_types: list[str] = Field(default_factory=list)
+    types: list[str] = Field(default_factory=list, description="Glob patterns, e.g. 'RC:*'.")
+
+    def is_empty(self) -> bool:
+        return not (self.sources or self.providers or self.kinds or self.channel_types
+                    or self.types)
+
+    def matches(self, event: StoredEvent) -> bool:
+        return (
+            (not self.sources or event.source in self.sources)
+            and (not self.providers or event.provider in self.providers)
+            and (not self.kinds or event.kind in self.kinds)
+            and (not self.channel_types or event.channel_type in self.channel_types)
+            and (not self.types or any(fnmatch.fnmatchcase(event.type, p) for p in self.types))
+        )
+
+
+class SinkConfig(ComponentConfig):
+    """Settings every sink shares."""
+
+    filter: SinkFilter = Field(default_factory=SinkFilter)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    retry_backoff: Duration = 0.5
+    retry_backoff_max: Duration = 60.0
+    paused_retry: Duration = 60.0
+
+
+class Sink(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Connect / open; may raise :class:`SinkError` (the runner retries)."""
+
+    async def deliver(self, events: Sequence[StoredEvent]) -> DeliveryResult:
+        """Deliver the batch; return only once it is safe at the destination."""
+
+    async def close(self) -> None: ...
+
+    async def check(self) -> list[CheckResult]: ...

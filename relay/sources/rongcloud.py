@@ -1,0 +1,475 @@
+"""RongCloud high-assurance message routing: ``POST {base}/rtmsg/{endpoint}/qrymsg.json``.
+
+Each endpoint (person, group, chatroom) is polled by its own loop, one request
+in flight at a time, because a query is assumed to remove what it returns
+(consume-on-read): every answer is journaled before the next request.
+
+- Budget: 10 requests in any sliding second per (app key, endpoint), shared by
+  every base URL and source on that key; over it the server answers an empty
+  200, so the relay never exceeds it (:mod:`relay.sources.budget`). A non-empty
+  answer means backlog: ask again as soon as the budget allows; an empty one:
+  wait ``idle_interval``.
+- Retention: 3 hours. Data age and the time since the last successful poll are
+  exported and warned about well before the window closes.
+- Failover: a connection error moves to the next base URL at once; repeated
+  read timeouts / 5xx move too, after a possible-loss warning.
+- Errors ``{"code", "errorMessage"}``: 1001/1004/1006/1007/1009 are
+  configuration problems (ERROR, alert, slow back-off); 1008/429 throttling;
+  1000/1050/5xx transient.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import httpx
+import orjson
+from pydantic import Field, SecretStr, field_validator
+
+from relay import metrics
+from relay.backoff import Backoff
+from relay.config_base import ComponentConfig, Duration
+from relay.journal import NewEvent, QuarantinedRecord
+from relay.logs import get_logger
+from relay.sources.base import (
+    CheckResult,
+    SourceHealth,
+    SourceRuntime,
+    now_ms,
+    quarantine_record,
+)
+from relay.sources.rongcloud_records import BadRecord, normalize, parse_items
+
+log = get_logger("relay.source.rongcloud")
+
+Endpoint = Literal["person", "group", "chatroom"]
+ENDPOINTS: tuple[Endpoint, ...] = ("person", "group", "chatroom")
+CONFIG_ERROR_CODES = frozenset({1001, 1004, 1006, 1007, 1009})
+THROTTLE_CODES = frozenset({1008})
+
+
+class RongCloudSourceConfig(ComponentConfig):
+    type: Literal["rongcloud"]
+    app_key: str = Field(min_length=1)
+    app_secret: SecretStr
+    base_urls: list[str] = Field(
+        default_factory=lambda: ["https://api.rong-api.com", "https://api-b.rong-api.com"],
+        min_length=1,
+    )
+    endpoints: list[Endpoint] = Field(default_factory=lambda: list(ENDPOINTS), min_length=1)
+    timestamp_unit: Literal["ms", "s"] = "ms"
+    requests_per_second: int = Field(default=10, ge=1, le=1000)
+    budget_window: Duration = 1.0
+    idle_interval: Duration = 1.0
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 30.0
+    failover_after: int = Field(default=3, ge=1)
+    retention: Duration = 3 * 3600.0
+    warn_age: Duration = 3600.0
+    config_error_backoff: Duration = 30.0
+    config_error_backoff_max: Duration = 600.0
+    transient_backoff: Duration = 0.5
+    transient_backoff_max: Duration = 30.0
+    verify_tls: bool = True
+    max_clock_skew: Duration = 30.0
+
+    @field_validator("base_urls")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"not an http(s) URL: {url!r}")
+        return [u.rstrip("/") for u in urls]
+
+
+class _Outcome:
+    """How one request went (the poller decides what to do next)."""
+
+    OK = "ok"
+    EMPTY = "empty"
+    CONFIG = "config_error"
+    THROTTLED = "throttled"
+    TRANSIENT = "transient_error"
+    CONNECT = "connect_error"
+    TIMEOUT = "timeout"
+    MALFORMED = "malformed"
+
+
+@dataclass
+class _Answer:
+    outcome: str
+    body: Any = None
+    raw: bytes = b""
+    detail: str = ""
+    retry_after: float | None = None
+    url_index: int = 0
+
+
+class RongCloudSource:
+    provider = "rongcloud"
+
+    def __init__(self, name: str, config: RongCloudSourceConfig) -> None:
+        self.name = name
+        self.config = config
+        self._url_index = 0
+        self._client: httpx.AsyncClient | None = None
+        self._last_skew_warning = 0.0
+
+    # -- signing -----------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        nonce = secrets.token_hex(8)
+        stamp = time.time()
+        timestamp = str(int(stamp * 1000) if self.config.timestamp_unit == "ms" else int(stamp))
+        secret = self.config.app_secret.get_secret_value()
+        signature = hashlib.sha1(  # noqa: S324 - the provider's signature scheme
+            (secret + nonce + timestamp).encode("utf-8")
+        ).hexdigest()
+        return {
+            "App-Key": self.config.app_key,
+            "Nonce": nonce,
+            "Timestamp": timestamp,
+            "Signature": signature,
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+
+    def _new_client(self) -> httpx.AsyncClient:
+        c = self.config
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(c.read_timeout, connect=c.connect_timeout),
+            verify=c.verify_tls,
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
+            headers={"User-Agent": "im-relay"},
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self.config.base_urls[self._url_index]
+
+    def _failover(self, reason: str, failed_index: int) -> None:
+        # Several endpoint loops share the current URL: only the first to see it
+        # fail moves on, the others must not move back.
+        if len(self.config.base_urls) < 2 or failed_index != self._url_index:
+            return
+        old = self.base_url
+        self._url_index = (self._url_index + 1) % len(self.config.base_urls)
+        metrics.SOURCE_FAILOVERS.labels(self.name).inc()
+        log.warning("failing over to the next base URL", source=self.name, reason=reason,
+                    previous=old, current=self.base_url)
+
+    # -- one request -------------------------------------------------------
+
+    async def _post(self, path: str, data: dict[str, str] | None = None) -> _Answer:
+        index = self._url_index
+        answer = await self._post_to(f"{self.config.base_urls[index]}{path}", data)
+        answer.url_index = index
+        return answer
+
+    async def _post_to(self, url: str, data: dict[str, str] | None) -> _Answer:
+        assert self._client is not None
+        try:
+            response = await self._client.post(url, headers=self._headers(), data=data)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            return _Answer(_Outcome.CONNECT, detail=f"{type(exc).__name__}: {exc}")
+        except httpx.TimeoutException as exc:
+            return _Answer(_Outcome.TIMEOUT, detail=type(exc).__name__)
+        except httpx.TransportError as exc:
+            # Reset or protocol error after the request left: the answer may be lost.
+            return _Answer(_Outcome.TIMEOUT, detail=f"{type(exc).__name__}: {exc}")
+        self._observe_clock(response)
+        raw = response.content
+        body: Any = None
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        status = response.status_code
+        code = body.get("code") if isinstance(body, dict) else None
+        message = body.get("errorMessage", "") if isinstance(body, dict) else ""
+        if status == 429 or code in THROTTLE_CODES:
+            retry_after = _retry_after(response)
+            return _Answer(_Outcome.THROTTLED, detail=f"HTTP {status} code {code}",
+                           retry_after=retry_after)
+        if code in CONFIG_ERROR_CODES or status in (401, 403):
+            return _Answer(_Outcome.CONFIG, detail=f"HTTP {status} code {code}: {message}")
+        if status >= 500:
+            return _Answer(_Outcome.TRANSIENT, raw=raw, detail=f"HTTP {status} code {code}")
+        if status >= 400:
+            return _Answer(_Outcome.CONFIG, detail=f"HTTP {status} code {code}: {message}")
+        if not isinstance(body, dict):
+            return _Answer(_Outcome.MALFORMED, raw=raw, detail="answer is not a JSON object")
+        if code is not None and code != 200 and "results" not in body:
+            return _Answer(_Outcome.TRANSIENT, detail=f"code {code}: {message}")
+        return _Answer(_Outcome.OK, body=body, raw=raw)
+
+    def _observe_clock(self, response: httpx.Response) -> None:
+        date = response.headers.get("date")
+        if not date:
+            return
+        try:
+            server = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        skew = server - time.time()
+        metrics.SOURCE_CLOCK_SKEW.labels(self.name).set(skew)
+        # The Date header has one-second resolution: allow for it.
+        if abs(skew) > self.config.max_clock_skew + 1:
+            now = time.monotonic()
+            if now - self._last_skew_warning > 300:
+                self._last_skew_warning = now
+                log.warning("provider clock differs from ours: signatures and data-age figures"
+                            " need a synchronized clock",
+                            source=self.name, skew_seconds=round(skew))
+
+    # -- the polling loops -------------------------------------------------
+
+    async def run(self, runtime: SourceRuntime) -> None:
+        await self._report_gap(runtime)
+        self._client = self._new_client()
+        try:
+            async with anyio.create_task_group() as tg:
+                for endpoint in self.config.endpoints:
+                    runtime.health[f"{self.name}/{endpoint}"] = SourceHealth()
+                    tg.start_soon(self._poll_endpoint, runtime, endpoint)
+        finally:
+            await self._client.aclose()
+            self._client = None
+
+    def _cursor_key(self, endpoint: str) -> str:
+        return f"{self.name}:{endpoint}:last_poll_ms"
+
+    async def _report_gap(self, runtime: SourceRuntime) -> None:
+        """Say loudly at start-up when the time since the last poll may have cost data."""
+        cursors = await runtime.journal.get_cursors(f"{self.name}:")
+        now = now_ms()
+        for endpoint in self.config.endpoints:
+            metrics.SOURCE_RETENTION.labels(self.name, endpoint).set(self.config.retention)
+            last = cursors.get(self._cursor_key(endpoint))
+            if last is None:
+                log.info("first start of this endpoint: no earlier poll recorded",
+                         source=self.name, endpoint=endpoint)
+                continue
+            gap = (now - int(last)) / 1000
+            if gap > self.config.retention:
+                log.error(
+                    "DATA MAY HAVE BEEN LOST: this endpoint was last polled longer ago than the"
+                    " provider keeps messages",
+                    source=self.name, endpoint=endpoint, gap_seconds=round(gap),
+                    retention_seconds=self.config.retention,
+                )
+            elif gap > self.config.warn_age:
+                log.warning(
+                    "long gap since the last poll: close to the provider's retention",
+                    source=self.name, endpoint=endpoint, gap_seconds=round(gap),
+                    retention_seconds=self.config.retention,
+                )
+
+    async def _poll_endpoint(self, runtime: SourceRuntime, endpoint: str) -> None:
+        c = self.config
+        budget = runtime.budgets.get(
+            ("rongcloud", c.app_key, endpoint), c.requests_per_second, c.budget_window
+        )
+        health = runtime.health[f"{self.name}/{endpoint}"]
+        health.polling = True
+        path = f"/rtmsg/{endpoint}/qrymsg.json"
+        transient = Backoff(c.transient_backoff, c.transient_backoff_max)
+        config_backoff = Backoff(c.config_error_backoff, c.config_error_backoff_max)
+        connect_failures = 0
+        read_failures = 0
+        last_nonempty = False
+        last_cursor_write = 0.0
+        last_age_warning = 0.0
+        labels = (self.name, endpoint)
+        while not runtime.stopping.is_set():
+            await runtime.wait_for_space(self.name)
+            if runtime.stopping.is_set():
+                break
+            async with budget.slot() as waited:
+                if waited:
+                    metrics.SOURCE_BUDGET_WAITS.labels(*labels).inc()
+                if runtime.stopping.is_set():
+                    break
+                answer = await self._post(path)
+            fetched_at = now_ms()
+            metrics.SOURCE_REQUESTS.labels(
+                *labels, _Outcome.EMPTY if _is_empty(answer) else answer.outcome
+            ).inc()
+
+            if answer.outcome == _Outcome.OK:
+                connect_failures = read_failures = 0
+                transient.reset()
+                config_backoff.reset()
+                if health.config_error:
+                    log.info("provider accepts the configuration again", source=self.name)
+                    health.config_error = None
+                    metrics.SOURCE_CONFIG_ERROR.labels(self.name).set(0)
+                events, quarantine = self._normalize(answer.body, endpoint, fetched_at)
+                cursors = None
+                mono = time.monotonic()
+                if events or quarantine or mono - last_cursor_write > 10:
+                    cursors = {self._cursor_key(endpoint): str(fetched_at)}
+                    last_cursor_write = mono
+                if events or quarantine or cursors:
+                    result = await runtime.commit(
+                        self.name, endpoint, events, cursors=cursors, quarantine=quarantine
+                    )
+                    if result is None:
+                        metrics.SOURCE_POSSIBLE_LOSS.labels(*labels).inc()
+                        break
+                health.last_success = time.time()
+                metrics.SOURCE_LAST_SUCCESS.labels(*labels).set(health.last_success)
+                if events:
+                    oldest = min(e.sent_at for e in events)
+                    age = max(0.0, (fetched_at - oldest) / 1000)
+                    metrics.SOURCE_DATA_AGE.labels(*labels).set(age)
+                    for e in events:
+                        metrics.SOURCE_FETCH_LATENCY.labels(self.name).observe(
+                            max(0.0, (fetched_at - e.sent_at) / 1000)
+                        )
+                    if age > c.warn_age and time.monotonic() - last_age_warning > 60:
+                        last_age_warning = time.monotonic()
+                        log.warning(
+                            "fetched data is old: the provider drops it after its retention",
+                            source=self.name, endpoint=endpoint, age_seconds=round(age),
+                            retention_seconds=c.retention,
+                        )
+                elif answer.body.get("results") == [] and not quarantine:
+                    if last_nonempty:
+                        metrics.SOURCE_SUSPECTED_THROTTLED.labels(*labels).inc()
+                    metrics.SOURCE_DATA_AGE.labels(*labels).set(0)
+                nonempty = bool(events or quarantine)
+                last_nonempty = nonempty
+                if not nonempty:
+                    await runtime.sleep(c.idle_interval)
+                continue
+
+            last_nonempty = False
+            if answer.outcome == _Outcome.CONNECT:
+                connect_failures += 1
+                log.warning("cannot connect to the provider", source=self.name,
+                            endpoint=endpoint, base_url=self.base_url, error=answer.detail)
+                self._failover("connection error", answer.url_index)
+                if connect_failures >= len(c.base_urls):
+                    await runtime.sleep(transient.next())
+                continue
+            if answer.outcome in (_Outcome.TIMEOUT, _Outcome.TRANSIENT, _Outcome.MALFORMED):
+                read_failures += 1
+                self._possible_loss(runtime, endpoint, answer)
+                if answer.outcome == _Outcome.MALFORMED:
+                    # Keep the raw answer: whatever it held is recoverable from there.
+                    await runtime.commit(
+                        self.name, endpoint, [],
+                        quarantine=[quarantine_record(self.name, endpoint, answer.raw,
+                                                      answer.detail)],
+                    )
+                if read_failures >= c.failover_after:
+                    read_failures = 0
+                    self._failover(f"{c.failover_after} failed answers in a row",
+                                   answer.url_index)
+                await runtime.sleep(transient.next())
+                continue
+            if answer.outcome == _Outcome.THROTTLED:
+                delay = answer.retry_after or max(c.budget_window, transient.next())
+                log.warning("provider reports throttling", source=self.name, endpoint=endpoint,
+                            detail=answer.detail, wait_seconds=delay)
+                await runtime.sleep(delay)
+                continue
+            # Configuration problem: alert and back off slowly, never spin.
+            health.config_error = answer.detail
+            metrics.SOURCE_CONFIG_ERROR.labels(self.name).set(1)
+            delay = config_backoff.next()
+            log.error(
+                "provider rejects the relay's configuration (check app_key / app_secret /"
+                " service enabled); retrying slowly",
+                source=self.name, endpoint=endpoint, detail=answer.detail,
+                retry_in_seconds=round(delay, 1),
+            )
+            await runtime.sleep(delay)
+        health.polling = False
+
+    def _possible_loss(self, runtime: SourceRuntime, endpoint: str, answer: _Answer) -> None:
+        metrics.SOURCE_POSSIBLE_LOSS.labels(self.name, endpoint).inc()
+        log.error(
+            "answer not fully received from a consume-on-read endpoint: its messages may be lost",
+            source=self.name, endpoint=endpoint, outcome=answer.outcome, detail=answer.detail,
+            base_url=self.base_url,
+        )
+
+    def _normalize(
+        self, body: Any, endpoint: str, fetched_at: int
+    ) -> tuple[list[NewEvent], list[QuarantinedRecord]]:
+        quarantine: list[QuarantinedRecord] = []
+        try:
+            records, bad = parse_items(body)
+        except BadRecord as exc:
+            return [], [quarantine_record(self.name, endpoint, body, str(exc))]
+        for raw, error in bad:
+            quarantine.append(quarantine_record(self.name, endpoint, raw, error))
+        events: list[NewEvent] = []
+        for record in records:
+            try:
+                event = normalize(record, source=self.name, endpoint=endpoint,
+                                  fetched_at=fetched_at)
+            except (BadRecord, TypeError, ValueError) as exc:
+                quarantine.append(quarantine_record(self.name, endpoint, record, str(exc)))
+                continue
+            events.append(NewEvent.from_event(event))
+        if quarantine:
+            log.warning("provider records quarantined", source=self.name, endpoint=endpoint,
+                        count=len(quarantine), first_error=quarantine[0].error)
+        return events, quarantine
+
+    # -- relay check -------------------------------------------------------
+
+    async def check(self) -> list[CheckResult]:
+        """Signed call to ``/user/info.json`` on every base URL: consumes nothing."""
+        results = []
+        self._client = self._new_client()
+        try:
+            for index, url in enumerate(self.config.base_urls):
+                self._url_index = index
+                answer = await self._post("/user/info.json", {"userId": "im-relay-check"})
+                target = f"{url} (signed /user/info.json)"
+                ok = answer.outcome == _Outcome.OK
+                if answer.outcome == _Outcome.CONFIG:
+                    detail = f"credentials rejected: {answer.detail}"
+                elif answer.outcome == _Outcome.CONNECT:
+                    detail = f"unreachable: {answer.detail}"
+                elif answer.outcome == _Outcome.OK:
+                    detail = "reachable, signature accepted"
+                else:
+                    detail = f"{answer.outcome}: {answer.detail}"
+                results.append(CheckResult(f"source {self.name}", target, ok, detail))
+        finally:
+            await self._client.aclose()
+            self._client = None
+            self._url_index = 0
+        return results
+
+
+def _is_empty(answer: _Answer) -> bool:
+    return (
+        answer.outcome == _Outcome.OK
+        and isinstance(answer.body, dict)
+        and answer.body.get("results") == []
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when - time.time())

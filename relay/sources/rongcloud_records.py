@@ -1,0 +1,146 @@
+"""Parsing RongCloud ``/rtmsg/*/qrymsg.json`` answers into normalized events.
+
+The answer is ``{"results": [...], "size": n}``; ``results`` is documented
+as ``String[]``, so an item may be a JSON object or a string holding one.
+``content`` may be a JSON object or a string holding JSON or text. Chatroom
+join/leave records carry no ``msgUID``; their id is derived from their fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from relay.event import (
+    ChannelType,
+    Kind,
+    build_event,
+    content_from_value,
+    derived_native_id,
+)
+
+CHANNEL_TYPES: dict[str, ChannelType] = {
+    "PERSON": "direct",
+    "PERSONS": "discussion",
+    "GROUP": "group",
+    "TEMPGROUP": "chatroom",
+    "CUSTOMERSERVICE": "customer_service",
+    "NOTIFY": "system",
+    "MC": "app_public_service",
+    "MP": "public_service",
+}
+
+# The client SDKs' ConversationType numbers, in case an answer uses them.
+_CHANNEL_NUMBERS: dict[str, str] = {
+    "1": "PERSON",
+    "2": "PERSONS",
+    "3": "GROUP",
+    "4": "TEMPGROUP",
+    "5": "CUSTOMERSERVICE",
+    "6": "NOTIFY",
+    "7": "MC",
+    "8": "MP",
+}
+
+DEFAULT_CHANNEL: dict[str, ChannelType] = {
+    "person": "direct",
+    "group": "group",
+    "chatroom": "chatroom",
+}
+
+
+class BadRecord(ValueError):
+    """A record that cannot be normalized; it is quarantined, not dropped."""
+
+
+def parse_items(body: Any) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
+    """The records of a successful answer, and the items that are not records."""
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list):
+        raise BadRecord("answer has no results list")
+    records: list[dict[str, Any]] = []
+    bad: list[tuple[Any, str]] = []
+    for item in results:
+        if isinstance(item, str):
+            try:
+                item = orjson.loads(item)
+            except orjson.JSONDecodeError as exc:
+                bad.append((item, f"results item is not JSON: {exc}"))
+                continue
+        if isinstance(item, dict):
+            records.append(item)
+        else:
+            bad.append((item, f"results item is a {type(item).__name__}, not an object"))
+    return records, bad
+
+
+def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = record.get(key)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is None and not required:
+        return ""
+    raise BadRecord(f"{key} is {'missing' if value is None else type(value).__name__}")
+
+
+def _millis(record: dict[str, Any]) -> int:
+    for key in ("msgTimestamp", "timestamp"):
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        if value is not None:
+            raise BadRecord(f"{key} is not a millisecond timestamp")
+    raise BadRecord("msgTimestamp is missing")
+
+
+def normalize(
+    record: dict[str, Any], *, source: str, endpoint: str, fetched_at: int
+) -> dict[str, Any]:
+    """One RongCloud record as an ``im-relay.event/1`` dict."""
+    sender = _text(record, "fromUserId")
+    recipient = _text(record, "toUserId")
+    sent_at = _millis(record)
+    object_name = _text(record, "objectName", required=False)
+    raw_channel = record.get("channelType")
+    if raw_channel is None:
+        channel_type = DEFAULT_CHANNEL[endpoint]
+    else:
+        key = _CHANNEL_NUMBERS.get(str(raw_channel), str(raw_channel))
+        channel_type = CHANNEL_TYPES.get(key, "unknown")
+    if endpoint == "chatroom":
+        channel_type = "chatroom"
+    kind: Kind = "presence" if endpoint == "chatroom" else "message"
+
+    uid = record.get("msgUID")
+    if isinstance(uid, str) and uid:
+        native_id = uid
+    elif uid is None:
+        native_id = derived_native_id(record)
+    else:
+        raise BadRecord("msgUID is not a string")
+
+    content, encoding = content_from_value(record.get("content"))
+    native = {k: v for k, v in record.items() if k != "content"}
+    channel_id = recipient
+    return build_event(
+        source=source,
+        provider="rongcloud",
+        native_id=native_id,
+        kind=kind,
+        type_=object_name,
+        channel_type=channel_type,
+        channel_id=channel_id,
+        sender=sender,
+        recipient=recipient,
+        sent_at=sent_at,
+        fetched_at=fetched_at,
+        content=content,
+        content_encoding=encoding,
+        seq=None,
+        native=native,
+    )
