@@ -101,8 +101,13 @@ def derived_native_id(record: dict[str, Any]) -> str:
     ``h`` + the first 32 hex digits of SHA-256 over the record's canonical JSON
     (sorted keys, no spaces, UTF-8): the same record redelivered gets the same id.
     """
-    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "h" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+    try:
+        canonical = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits: the standard library handles them
+        canonical = json.dumps(
+            record, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+    return "h" + hashlib.sha256(canonical).hexdigest()[:32]
 
 
 def conversation_key(channel_type: str, channel_id: str, sender: str, recipient: str | None) -> str:
@@ -173,15 +178,20 @@ def build_event(
     native: dict[str, Any],
 ) -> dict[str, Any]:
     """The event as a plain dict, keys in schema order."""
+    if channel_type == "direct":
+        a, b = (sender, recipient or "") if sender <= (recipient or "") else (recipient, sender)
+        conversation = f"direct:{a}|{b}"
+    else:
+        conversation = f"{channel_type}:{channel_id}"
     return {
         "schema": SCHEMA_ID,
-        "id": event_id(source, native_id),
+        "id": f"{source}:{native_id}",
         "source": source,
         "provider": provider,
         "kind": kind,
         "type": type_,
         "channel": {"type": channel_type, "id": channel_id},
-        "conversation": conversation_key(channel_type, channel_id, sender, recipient),
+        "conversation": conversation,
         "sender": sender,
         "recipient": recipient,
         "sent_at": sent_at,

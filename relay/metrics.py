@@ -7,8 +7,13 @@ Names follow ``relay_<noun>_<unit>``; labels are low-cardinality only
 from __future__ import annotations
 
 import platform
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from relay import __version__
 
@@ -16,6 +21,63 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 300.0, 1800.0, 3600.0, 10800.0)
+
+
+
+class BatchHistogram(Collector):
+    """A labelled histogram fed a whole batch at a time.
+
+    ``prometheus_client.Histogram.observe`` takes a lock and walks the buckets
+    per value; at tens of thousands of events per second that is a visible
+    share of the relay's CPU. This one bisects per value and locks per batch.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = sorted(buckets)
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, labels: tuple[str, ...], values: Iterable[float]) -> None:
+        bounds = self.bounds
+        with self._lock:
+            series = self._series.get(labels)
+            if series is None:
+                series = ([0] * (len(bounds) + 1), [0.0])
+                self._series[labels] = series
+            counts, total = series
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+                total[0] += value
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = self._family()
+        with self._lock:
+            snapshot = [(k, list(c), t[0]) for k, (c, t) in self._series.items()]
+        for labels, counts, total in snapshot:
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(self.bounds, counts, strict=False):
+                cumulative += count
+                buckets.append((_bound_text(bound), cumulative))
+            buckets.append(("+Inf", cumulative + counts[-1]))
+            family.add_metric(list(labels), buckets, total)
+        yield family
+
+
+def _bound_text(bound: float) -> str:
+    return repr(float(bound))
+
 
 BUILD_INFO = Info("relay_build", "Version of the running relay.", registry=REGISTRY)
 BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
@@ -88,12 +150,12 @@ SOURCE_SEQ_GAPS = Counter(
     ["source"],
     registry=REGISTRY,
 )
-SOURCE_FETCH_LATENCY = Histogram(
+SOURCE_FETCH_LATENCY = BatchHistogram(
     "relay_source_fetch_latency_seconds",
     "Provider server time of a record to its fetch by the relay.",
     ["source"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
+    _LATENCY_BUCKETS,
+    REGISTRY,
 )
 SOURCE_CLOCK_SKEW = Gauge(
     "relay_source_clock_skew_seconds",
@@ -165,10 +227,10 @@ SINK_OLDEST_PENDING_AGE = Gauge(
 SINK_UP = Gauge(
     "relay_sink_up", "1 while the sink's last delivery succeeded.", ["sink"], registry=REGISTRY
 )
-SINK_LATENCY = Histogram(
+SINK_LATENCY = BatchHistogram(
     "relay_sink_delivery_latency_seconds",
     "Fetch of an event by the relay to its acknowledgement by the sink.",
     ["sink"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
+    _LATENCY_BUCKETS,
+    REGISTRY,
 )

@@ -22,11 +22,13 @@ import contextlib
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 _T = TypeVar("_T")
 
@@ -85,6 +87,23 @@ class EmulatorServer:
         self.ports: list[int] = []
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite | None] = []
+        # Open connections per local port, so that "refuse" also drops keep-alive ones.
+        self._connections: dict[int, weakref.WeakSet[asyncio.Transport]] = {}
+        app.middlewares.append(self._track_connection)
+
+    @web.middleware
+    async def _track_connection(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            sockname = transport.get_extra_info("sockname")
+            if sockname:
+                port = int(sockname[1])
+                if port in self.ports and self._sites[self.ports.index(port)] is None:
+                    # Arrived on a kept-alive connection to a port that is down.
+                    transport.abort()
+                    raise web.HTTPServiceUnavailable()
+                self._connections.setdefault(port, weakref.WeakSet()).add(transport)
+        return await handler(request)
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -109,6 +128,8 @@ class EmulatorServer:
         if site is not None:
             await site.stop()
             self._sites[index] = None
+        for transport in list(self._connections.pop(self.ports[index], ())):
+            transport.abort()
         if seconds is not None:
             asyncio.get_running_loop().call_later(
                 seconds, lambda: asyncio.ensure_future(self.resume(index))

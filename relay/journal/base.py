@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -37,52 +37,46 @@ class JournalSchemaError(JournalError):
     """The journal was written by a newer version and cannot be migrated."""
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """A normalized event on its way into the journal."""
+class Routing(NamedTuple):
+    """The event fields sinks route and key by, kept beside the payload."""
 
-    id: str
     source: str
     provider: str
     kind: str
     channel_type: str
     type: str
     conversation: str
-    sent_at: int
+
+
+class NewEvent(NamedTuple):
+    """A normalized event on its way into the journal (a tuple: built per event, kept cheap)."""
+
+    id: str
     fetched_at: int
-    payload: bytes
+    routing: bytes  # a JSON array in Routing's order
+    payload: bytes  # the event's JSON
+    sent_at: int  # not stored: for the source's data-age figures
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> NewEvent:
-        return cls(
-            id=event["id"],
-            source=event["source"],
-            provider=event["provider"],
-            kind=event["kind"],
-            channel_type=event["channel"]["type"],
-            type=event["type"],
-            conversation=event["conversation"],
-            sent_at=event["sent_at"],
-            fetched_at=event["fetched_at"],
-            payload=orjson.dumps(event),
-        )
+        routing = (event["source"], event["provider"], event["kind"], event["channel"]["type"],
+                   event["type"], event["conversation"])
+        return cls(event["id"], event["fetched_at"], orjson.dumps(routing), orjson.dumps(event),
+                   event["sent_at"])
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
+class StoredEvent(NamedTuple):
     """An event as read back from the journal, in journal order (``seq``)."""
 
     seq: int
     id: str
-    source: str
-    provider: str
-    kind: str
-    channel_type: str
-    type: str
-    conversation: str
-    sent_at: int
     fetched_at: int
+    routing_json: bytes
     payload: bytes
+
+    def routing(self) -> Routing:
+        """Decoded on demand: a sink that neither filters nor keys never pays for it."""
+        return Routing(*orjson.loads(self.routing_json))
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,12 +61,13 @@ class SinkFilter(BaseModel):
                     or self.types)
 
     def matches(self, event: StoredEvent) -> bool:
+        r = event.routing()
         return (
-            (not self.sources or event.source in self.sources)
-            and (not self.providers or event.provider in self.providers)
-            and (not self.kinds or event.kind in self.kinds)
-            and (not self.channel_types or event.channel_type in self.channel_types)
-            and (not self.types or any(fnmatch.fnmatchcase(event.type, p) for p in self.types))
+            (not self.sources or r.source in self.sources)
+            and (not self.providers or r.provider in self.providers)
+            and (not self.kinds or r.kind in self.kinds)
+            and (not self.channel_types or r.channel_type in self.channel_types)
+            and (not self.types or any(fnmatch.fnmatchcase(r.type, p) for p in self.types))
         )
 
 

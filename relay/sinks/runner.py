@@ -163,11 +163,7 @@ class SinkRunner:
             metrics.SINK_DEAD_LETTERS.labels(self.name).inc(len(result.rejected))
             metrics.SINK_ATTEMPTS.labels(self.name, "dead_letter").inc()
         now_ms = time.time() * 1000
-        delivered = 0
-        latency = metrics.SINK_LATENCY.labels(self.name)
-        for event in batch:
-            if event.seq in rejected_ids:
-                continue
-            delivered += 1
-            latency.observe(max(0.0, (now_ms - event.fetched_at) / 1000))
-        metrics.SINK_DELIVERED.labels(self.name).inc(delivered)
+        latencies = [max(0.0, (now_ms - e.fetched_at) / 1000)
+                     for e in batch if e.seq not in rejected_ids]
+        metrics.SINK_LATENCY.observe_many((self.name,), latencies)
+        metrics.SINK_DELIVERED.labels(self.name).inc(len(latencies))

@@ -1,0 +1,82 @@
+"""Helpers shared by the benchmarks: child processes, free ports, statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_emulator(provider: str, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """``relay emulate <provider>`` in its own process (its own core); returns its banner."""
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "emulate", provider, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"emulator {provider} did not start")
+    return proc, json.loads(line)
+
+
+def start_relay(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ}
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 22), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def wait_lines(path: Path, target: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if count_lines(path) >= target:
+            return time.time()
+        time.sleep(0.02)
+    raise TimeoutError(f"{path}: fewer than {target} lines after {timeout}s")
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": len(values)}
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"

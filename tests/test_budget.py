@@ -1,0 +1,76 @@
+"""The strict request budget, against a fake clock (pure logic)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import anyio
+import pytest
+
+from relay.sources.budget import BudgetRegistry, RequestBudget
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def max_in_any_window(times: list[float], window: float) -> int:
+    best = 0
+    q: deque[float] = deque()
+    for t in sorted(times):
+        q.append(t)
+        while q[0] <= t - window:
+            q.popleft()
+        best = max(best, len(q))
+    return best
+
+
+async def test_never_more_than_limit_in_any_sliding_window() -> None:
+    sends: list[float] = []
+    budget = RequestBudget(10, 1.0, holdoff=False)
+    start = anyio.current_time()
+    with anyio.move_on_after(2.5):
+        while True:
+            async with budget.slot():
+                sends.append(anyio.current_time() - start)
+                await anyio.sleep(0.003)  # the round trip
+    assert max_in_any_window(sends, 1.0) <= 10
+    assert len(sends) >= 28  # ~10 per second is actually used
+
+
+async def test_holdoff_makes_a_new_budget_wait_one_window() -> None:
+    budget = RequestBudget(10, 0.3, holdoff=True)
+    start = anyio.current_time()
+    async with budget.slot() as waited:
+        pass
+    assert waited
+    assert anyio.current_time() - start >= 0.29
+
+
+async def test_completion_times_count_not_send_times() -> None:
+    clock = FakeClock()
+    budget = RequestBudget(2, 1.0, holdoff=False, clock=clock)
+    async with budget.slot():
+        clock.now += 0.9  # a slow request: it completes 0.9 s after it was sent
+    async with budget.slot():
+        clock.now += 0.2
+    assert budget.in_window() == 2
+    clock.now += 0.3  # 1.4 s after the first send, but only 0.5 s after it completed
+    assert budget.in_window() == 2
+    clock.now += 0.5  # 1.0 s after the first completed
+    assert budget.in_window() == 1
+
+
+def test_registry_shares_budgets_and_rejects_conflicts() -> None:
+    registry = BudgetRegistry()
+    a = registry.get(("rongcloud", "key", "person"), 10)
+    assert registry.get(("rongcloud", "key", "person"), 10) is a
+    assert registry.get(("rongcloud", "key", "group"), 10) is not a
+    with pytest.raises(ValueError, match="conflicting"):
+        registry.get(("rongcloud", "key", "person"), 5)
