@@ -249,6 +249,124 @@ def emulate_rongcloud(host: str, ports: tuple[int, ...], app_key: str, app_secre
     _serve_emulator(start)
 
 
+@emulate.command("wukongim")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", "ports", type=int, multiple=True, default=[15001], show_default=True,
+              help="Repeat to serve on more ports.")
+@click.option("--token", default=None, help="Manager token required in header 'token'.")
+@click.option("--uid", "uids", multiple=True, default=["u1"], show_default=True,
+              help="A uid with offline command messages (repeat).")
+@click.option("--channel", "channels", multiple=True, default=["g1:2"], show_default=True,
+              help="A history channel as ID:TYPE (repeat).")
+@click.option("--rate", type=float, default=0.0, show_default=True,
+              help="New command messages/s per uid.")
+@click.option("--channel-rate", type=float, default=None,
+              help="New history messages/s per channel (default: --rate).")
+@click.option("--backlog", type=int, default=0, show_default=True,
+              help="Messages queued at start, per uid and per channel.")
+@click.option("--error-ratio", type=float, default=0.0, show_default=True)
+@click.option("--malformed-ratio", type=float, default=0.0, show_default=True)
+@click.option("--slow-ratio", type=float, default=0.0, show_default=True)
+@click.option("--slow-seconds", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
+                     uids: tuple[str, ...], channels: tuple[str, ...], rate: float,
+                     channel_rate: float | None, backlog: int, error_ratio: float,
+                     malformed_ratio: float, slow_ratio: float, slow_seconds: float,
+                     seed: int | None) -> None:
+    """WuKongIM server API (message/sync, message/syncack, channel/messagesync)."""
+    from relay.emulators.harness import Faults
+    from relay.emulators.wukongim import WuKongIMEmulator
+
+    parsed: list[tuple[str, int]] = []
+    for spec in channels:
+        name, _, kind = spec.rpartition(":")
+        if not name or not kind.isdigit():
+            fail(f"--channel {spec!r}: expected ID:TYPE, e.g. g1:2")
+        parsed.append((name, int(kind)))
+    emulator = WuKongIMEmulator(
+        token, uids=list(uids), channels=parsed, seed=seed,
+        faults=Faults(error_ratio=error_ratio, malformed_ratio=malformed_ratio,
+                      slow_ratio=slow_ratio, slow_seconds=slow_seconds),
+    )
+    if backlog:
+        for uid in uids:
+            emulator.generate(backlog, uid)
+        for channel_id, channel_type in parsed:
+            emulator.generate_channel(backlog, channel_id, channel_type)
+
+    async def start() -> None:
+        server = emulator.make_server(host, list(ports))
+        await server.start()
+        emulator.set_traffic(rate, channel_rate)
+        click.echo(json.dumps({"emulator": "wukongim", "urls": server.urls, "uids": list(uids),
+                               "channels": [{"id": c, "type": t} for c, t in parsed],
+                               "token_required": token is not None,
+                               "admin": f"{server.urls[0]}/_emulator/stats"}))
+        sys.stdout.flush()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            emulator.set_traffic(0)
+            await server.stop()
+
+    _serve_emulator(start)
+
+
+@emulate.command("leancloud")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", "ports", type=int, multiple=True, default=[18090], show_default=True,
+              help="Repeat to serve on more ports.")
+@click.option("--app-id", default="demo-app-id", show_default=True)
+@click.option("--master-key", default="demo-master-key", show_default=True)
+@click.option("--rate-limit", type=int, default=1800, show_default=True,
+              help="Requests per minute before 429s (the commercial default; a development "
+                   "app has 120); 0 = none.")
+@click.option("--penalty-seconds", type=float, default=60.0, show_default=True,
+              help="How long every request is refused once over the limit.")
+@click.option("--send-delay", type=float, default=0.0, show_default=True,
+              help="Seconds before a message sent through the API shows in history.")
+@click.option("--rate", type=float, default=0.0, show_default=True, help="New messages/s.")
+@click.option("--backlog", type=int, default=0, show_default=True,
+              help="Messages in history at start.")
+@click.option("--error-ratio", type=float, default=0.0, show_default=True)
+@click.option("--malformed-ratio", type=float, default=0.0, show_default=True)
+@click.option("--slow-ratio", type=float, default=0.0, show_default=True)
+@click.option("--slow-seconds", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+def emulate_leancloud(host: str, ports: tuple[int, ...], app_id: str, master_key: str,
+                      rate_limit: int, penalty_seconds: float, send_delay: float, rate: float,
+                      backlog: int, error_ratio: float, malformed_ratio: float,
+                      slow_ratio: float, slow_seconds: float, seed: int | None) -> None:
+    """LeanCloud IM REST API (GET /1.2/rtm/messages, the application's history)."""
+    from relay.emulators.harness import Faults
+    from relay.emulators.leancloud import LeanCloudEmulator
+
+    emulator = LeanCloudEmulator(
+        app_id, master_key, rate_limit_per_minute=rate_limit or None,
+        penalty_seconds=penalty_seconds, send_delay=send_delay, seed=seed,
+        faults=Faults(error_ratio=error_ratio, malformed_ratio=malformed_ratio,
+                      slow_ratio=slow_ratio, slow_seconds=slow_seconds),
+    )
+    if backlog:
+        emulator.generate(backlog)
+
+    async def start() -> None:
+        server = emulator.make_server(host, list(ports))
+        await server.start()
+        emulator.set_traffic(rate)
+        click.echo(json.dumps({"emulator": "leancloud", "urls": server.urls, "app_id": app_id,
+                               "admin": f"{server.urls[0]}/_emulator/stats"}))
+        sys.stdout.flush()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            emulator.set_traffic(0)
+            await server.stop()
+
+    _serve_emulator(start)
+
+
 @main.command()
 @click.option("--dir", "directory", default="var/demo", show_default=True,
               help="Where the journal, events and demo configuration go.")

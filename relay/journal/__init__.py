@@ -11,6 +11,7 @@ from relay.journal.base import (
     JournalStats,
     NewEvent,
     QuarantinedRecord,
+    Routing,
     SinkLag,
     StoredEvent,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "JournalStats",
     "NewEvent",
     "QuarantinedRecord",
+    "Routing",
     "SinkLag",
     "SqliteJournal",
     "StoredEvent",

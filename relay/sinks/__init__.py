@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from relay.sinks.base import Sink, SinkConfig
 from relay.sinks.file import FileSink, FileSinkConfig
+from relay.sinks.kafka import KafkaSink, KafkaSinkConfig
 
-SinkConfigUnion = FileSinkConfig
+SinkConfigUnion = Annotated[FileSinkConfig | KafkaSinkConfig, Field(discriminator="type")]
 
 SINKS: dict[str, Callable[[str, Any], Sink]] = {
     "file": FileSink,
+    "kafka": KafkaSink,
 }
 
 

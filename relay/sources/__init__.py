@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from relay.sources.base import CheckResult, Source, SourceHealth, SourceRuntime
+from relay.sources.leancloud import LeanCloudSource, LeanCloudSourceConfig
 from relay.sources.rongcloud import RongCloudSource, RongCloudSourceConfig
+from relay.sources.wukongim import WuKongIMSource, WuKongIMSourceConfig
 
-SourceConfig = RongCloudSourceConfig
+SourceConfig = Annotated[
+    RongCloudSourceConfig | WuKongIMSourceConfig | LeanCloudSourceConfig,
+    Field(discriminator="type"),
+]
 
 SOURCES: dict[str, Callable[[str, Any], Source]] = {
     "rongcloud": RongCloudSource,
+    "wukongim": WuKongIMSource,
+    "leancloud": LeanCloudSource,
 }
 
 

@@ -155,6 +155,19 @@ def quarantine_record(source: str, endpoint: str, raw: Any, error: str) -> Quara
     return QuarantinedRecord(source=source, endpoint=endpoint, error=error[:500], raw=data)
 
 
+def observe_batch(source: str, endpoint: str, events: Sequence[NewEvent], fetched_at: int) -> float:
+    """Export how old a fetched batch is; returns the age of its oldest event in seconds."""
+    if not events:
+        return 0.0
+    oldest = min(e.sent_at for e in events)
+    age = max(0.0, (fetched_at - oldest) / 1000)
+    metrics.SOURCE_DATA_AGE.labels(source, endpoint).set(age)
+    metrics.SOURCE_FETCH_LATENCY.observe_many(
+        (source,), [max(0.0, (fetched_at - e.sent_at) / 1000) for e in events]
+    )
+    return age
+
+
 class Source(Protocol):
     """A provider poller."""
 
@@ -166,3 +179,52 @@ class Source(Protocol):
 
     async def check(self) -> list[CheckResult]:
         """Validate credentials and reachability without consuming anything."""
+
+
+class LoopErrors:
+    """Back-off, alerting and health for one polling loop, shared by every source.
+
+    Configuration errors (rejected credentials, a service not enabled) back off
+    slowly and set ``relay_source_config_error``; transient ones back off fast.
+    """
+
+    def __init__(self, source: str, endpoint: str, what: str, health: SourceHealth, *,
+                 transient: tuple[float, float], config: tuple[float, float]) -> None:
+        from relay.backoff import Backoff
+
+        self.source = source
+        self.endpoint = endpoint
+        self.what = what
+        self.health = health
+        self._transient = Backoff(*transient)
+        self._config = Backoff(*config)
+
+    def ok(self) -> None:
+        self._transient.reset()
+        self._config.reset()
+        self.health.last_success = time.time()
+        metrics.SOURCE_LAST_SUCCESS.labels(self.source, self.endpoint).set(
+            self.health.last_success)
+        if self.health.config_error:
+            log.info("provider accepts the configuration again", source=self.source,
+                     loop=self.what)
+            self.health.config_error = None
+            metrics.SOURCE_CONFIG_ERROR.labels(self.source).set(0)
+
+    def config_error(self, detail: str) -> float:
+        """Record a configuration problem; returns how long to wait before retrying."""
+        self.health.config_error = detail
+        metrics.SOURCE_CONFIG_ERROR.labels(self.source).set(1)
+        delay = self._config.next()
+        log.error(
+            "provider rejects the relay's configuration (check credentials, ids and that the"
+            " service is enabled); retrying slowly",
+            source=self.source, loop=self.what, detail=detail, retry_in_seconds=round(delay, 1),
+        )
+        return delay
+
+    def transient(self, detail: str, *, level: str = "warning") -> float:
+        delay = self._transient.next()
+        getattr(log, level)("provider request failed; retrying", source=self.source,
+                            loop=self.what, detail=detail, retry_in_seconds=round(delay, 2))
+        return delay

@@ -89,10 +89,11 @@ class BudgetRegistry:
     def __init__(self) -> None:
         self._budgets: dict[tuple[str, ...], RequestBudget] = {}
 
-    def get(self, key: tuple[str, ...], limit: int, window: float = 1.0) -> RequestBudget:
+    def get(self, key: tuple[str, ...], limit: int, window: float = 1.0, *,
+            holdoff: bool = True) -> RequestBudget:
         budget = self._budgets.get(key)
         if budget is None:
-            budget = RequestBudget(limit, window)
+            budget = RequestBudget(limit, window, holdoff=holdoff)
             self._budgets[key] = budget
         elif budget.limit != limit or budget.window != window:
             # Two sources on one app key must not each believe they own the budget.

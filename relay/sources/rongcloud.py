@@ -20,7 +20,6 @@ in flight at a time, because a query is assumed to remove what it returns
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import secrets
 import time
@@ -28,22 +27,23 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
-import httpx
-import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.config_base import ComponentConfig, Duration
+from relay.config_base import Duration
 from relay.journal import NewEvent, QuarantinedRecord
 from relay.logs import get_logger
+from relay.sources import http
 from relay.sources.base import (
     CheckResult,
     SourceHealth,
     SourceRuntime,
     now_ms,
+    observe_batch,
     quarantine_record,
 )
+from relay.sources.http import HttpSourceConfig, ProviderClient
 from relay.sources.rongcloud_records import BadRecord, normalize, parse_items
 
 log = get_logger("relay.source.rongcloud")
@@ -54,7 +54,7 @@ CONFIG_ERROR_CODES = frozenset({1001, 1004, 1006, 1007, 1009})
 THROTTLE_CODES = frozenset({1008})
 
 
-class RongCloudSourceConfig(ComponentConfig):
+class RongCloudSourceConfig(HttpSourceConfig):
     type: Literal["rongcloud"]
     app_key: str = Field(min_length=1)
     app_secret: SecretStr
@@ -66,18 +66,9 @@ class RongCloudSourceConfig(ComponentConfig):
     timestamp_unit: Literal["ms", "s"] = "ms"
     requests_per_second: int = Field(default=10, ge=1, le=1000)
     budget_window: Duration = 1.0
-    idle_interval: Duration = 1.0
-    connect_timeout: Duration = 5.0
-    read_timeout: Duration = 30.0
     failover_after: int = Field(default=3, ge=1)
     retention: Duration = 3 * 3600.0
     warn_age: Duration = 3600.0
-    config_error_backoff: Duration = 30.0
-    config_error_backoff_max: Duration = 600.0
-    transient_backoff: Duration = 0.5
-    transient_backoff_max: Duration = 30.0
-    verify_tls: bool = True
-    max_clock_skew: Duration = 30.0
 
     @field_validator("base_urls")
     @classmethod
@@ -118,8 +109,7 @@ class RongCloudSource:
         self.name = name
         self.config = config
         self._url_index = 0
-        self._client: httpx.AsyncClient | None = None
-        self._last_skew_warning = 0.0
+        self._client: ProviderClient | None = None
 
     # -- signing -----------------------------------------------------------
 
@@ -139,14 +129,8 @@ class RongCloudSource:
             "Content-Type": "application/x-www-form-urlencoded",
         }
 
-    def _new_client(self) -> httpx.AsyncClient:
-        c = self.config
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(c.read_timeout, connect=c.connect_timeout),
-            verify=c.verify_tls,
-            limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
-            headers={"User-Agent": "im-relay"},
-        )
+    def _new_client(self) -> ProviderClient:
+        return self.config.client(self.name)
 
     @property
     def base_url(self) -> str:
@@ -173,29 +157,17 @@ class RongCloudSource:
 
     async def _post_to(self, url: str, data: dict[str, str] | None) -> _Answer:
         assert self._client is not None
-        try:
-            response = await self._client.post(url, headers=self._headers(), data=data)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            return _Answer(_Outcome.CONNECT, detail=f"{type(exc).__name__}: {exc}")
-        except httpx.TimeoutException as exc:
-            return _Answer(_Outcome.TIMEOUT, detail=type(exc).__name__)
-        except httpx.TransportError as exc:
-            # Reset or protocol error after the request left: the answer may be lost.
-            return _Answer(_Outcome.TIMEOUT, detail=f"{type(exc).__name__}: {exc}")
-        self._observe_clock(response)
-        raw = response.content
-        body: Any = None
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            body = None
-        status = response.status_code
+        answer = await self._client.request("POST", url, headers=self._headers(), data=data)
+        if answer.kind == http.CONNECT:
+            return _Answer(_Outcome.CONNECT, detail=answer.detail)
+        if answer.kind == http.TIMEOUT:
+            return _Answer(_Outcome.TIMEOUT, detail=answer.detail)
+        body, raw, status = answer.body, answer.raw, answer.status
         code = body.get("code") if isinstance(body, dict) else None
         message = body.get("errorMessage", "") if isinstance(body, dict) else ""
         if status == 429 or code in THROTTLE_CODES:
-            retry_after = _retry_after(response)
             return _Answer(_Outcome.THROTTLED, detail=f"HTTP {status} code {code}",
-                           retry_after=retry_after)
+                           retry_after=answer.retry_after)
         if code in CONFIG_ERROR_CODES or status in (401, 403):
             return _Answer(_Outcome.CONFIG, detail=f"HTTP {status} code {code}: {message}")
         if status >= 500:
@@ -207,25 +179,6 @@ class RongCloudSource:
         if code is not None and code != 200 and "results" not in body:
             return _Answer(_Outcome.TRANSIENT, detail=f"code {code}: {message}")
         return _Answer(_Outcome.OK, body=body, raw=raw)
-
-    def _observe_clock(self, response: httpx.Response) -> None:
-        date = response.headers.get("date")
-        if not date:
-            return
-        try:
-            server = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError):
-            return
-        skew = server - time.time()
-        metrics.SOURCE_CLOCK_SKEW.labels(self.name).set(skew)
-        # The Date header has one-second resolution: allow for it.
-        if abs(skew) > self.config.max_clock_skew + 1:
-            now = time.monotonic()
-            if now - self._last_skew_warning > 300:
-                self._last_skew_warning = now
-                log.warning("provider clock differs from ours: signatures and data-age figures"
-                            " need a synchronized clock",
-                            source=self.name, skew_seconds=round(skew))
 
     # -- the polling loops -------------------------------------------------
 
@@ -325,12 +278,7 @@ class RongCloudSource:
                 health.last_success = time.time()
                 metrics.SOURCE_LAST_SUCCESS.labels(*labels).set(health.last_success)
                 if events:
-                    oldest = min(e.sent_at for e in events)
-                    age = max(0.0, (fetched_at - oldest) / 1000)
-                    metrics.SOURCE_DATA_AGE.labels(*labels).set(age)
-                    metrics.SOURCE_FETCH_LATENCY.observe_many(
-                        (self.name,), [max(0.0, (fetched_at - e.sent_at) / 1000) for e in events]
-                    )
+                    age = observe_batch(self.name, endpoint, events, fetched_at)
                     if age > c.warn_age and time.monotonic() - last_age_warning > 60:
                         last_age_warning = time.monotonic()
                         log.warning(
@@ -459,16 +407,3 @@ def _is_empty(answer: _Answer) -> bool:
         and answer.body.get("results") == []
     )
 
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value).timestamp()
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when - time.time())

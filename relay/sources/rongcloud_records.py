@@ -126,10 +126,15 @@ def normalize(
         raw_channel = record.get("channelType")
         if raw_channel is None:
             channel_type = DEFAULT_CHANNEL[endpoint]
-        else:
+        elif raw_channel.__class__ is str:
             channel_type = CHANNEL_TYPES.get(raw_channel) or CHANNEL_TYPES.get(
-                _CHANNEL_NUMBERS.get(str(raw_channel), ""), "unknown"
+                _CHANNEL_NUMBERS.get(raw_channel, ""), "unknown"
             )
+        elif isinstance(raw_channel, int) and not isinstance(raw_channel, bool):
+            channel_type = CHANNEL_TYPES.get(_CHANNEL_NUMBERS.get(str(raw_channel), ""),
+                                             "unknown")
+        else:
+            raise BadRecord("channelType is not a string")
 
     uid = record.get("msgUID")
     if uid.__class__ is str and uid:

@@ -1,0 +1,313 @@
+"""WuKongIM: offline command messages and channel history.
+
+- ``POST /message/sync {"uid", "limit"}`` per configured uid, then — only after
+  the batch is committed to the journal — ``POST /message/syncack {"uid",
+  "last_message_seq"}`` with the largest seq returned. The server acknowledges
+  everything any sync of that uid returned since the last ack, so one sync is in
+  flight per uid and nothing else may sync it. An unacknowledged batch comes back
+  (after a crash between commit and ack, or a server restart): the journal drops
+  it by ``message_id``. An empty sync is not acknowledged.
+- ``POST /channel/messagesync`` per configured channel, upward from the last
+  committed ``message_seq`` + 1; that cursor moves in the same journal transaction
+  as the events, and gaps in ``message_seq`` are reported.
+- Auth: the manager token as header ``token``; a 401 has an empty body. Errors:
+  HTTP 400 ``{"msg", "status"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from relay import metrics
+from relay.event import Kind
+from relay.journal import NewEvent, QuarantinedRecord
+from relay.logs import get_logger
+from relay.sources import http
+from relay.sources.base import (
+    CheckResult,
+    LoopErrors,
+    SourceHealth,
+    SourceRuntime,
+    now_ms,
+    observe_batch,
+    quarantine_record,
+)
+from relay.sources.http import Answer, HttpSourceConfig, ProviderClient
+from relay.sources.wukongim_records import (
+    BadRecord,
+    encode_error,
+    message_seq,
+    normalize,
+    parse_channel_answer,
+    parse_sync_answer,
+)
+
+log = get_logger("relay.source.wukongim")
+
+
+class ChannelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    type: int = Field(ge=1, le=255)
+
+
+class WuKongIMSourceConfig(HttpSourceConfig):
+    type: Literal["wukongim"]
+    base_url: str
+    token: SecretStr | None = None
+    uids: list[str] = Field(default_factory=list)
+    channels: list[ChannelSpec] = Field(default_factory=list)
+    login_uid: str = "relay"
+    sync_limit: int = Field(default=500, ge=1, le=10_000)
+    channel_limit: int = Field(default=500, ge=1, le=10_000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("not an http(s) URL")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _something_to_poll(self) -> WuKongIMSourceConfig:
+        if not self.uids and not self.channels:
+            raise ValueError("uids: give at least one uid or channel to poll")
+        if len(set(self.uids)) != len(self.uids):
+            raise ValueError("uids: a uid is listed twice (one sync in flight per uid)")
+        return self
+
+
+class WuKongIMSource:
+    provider = "wukongim"
+
+    def __init__(self, name: str, config: WuKongIMSourceConfig) -> None:
+        self.name = name
+        self.config = config
+        self._client: ProviderClient | None = None
+
+    def _headers(self) -> dict[str, str]:
+        token = self.config.token
+        return {"token": token.get_secret_value()} if token is not None else {}
+
+    async def _call(self, path: str, body: dict[str, Any]) -> Answer:
+        assert self._client is not None
+        return await self._client.request(
+            "POST", f"{self.config.base_url}{path}", json=body, headers=self._headers()
+        )
+
+    def _classify(self, answer: Answer, errors: LoopErrors) -> float | None:
+        """None when the answer is a usable 200; else how long to wait before retrying."""
+        if answer.kind != http.RESPONSE:
+            return errors.transient(f"{answer.kind}: {answer.detail}")
+        if answer.status in (401, 403):
+            return errors.config_error(f"HTTP {answer.status}: token rejected")
+        if answer.status == 400:
+            return errors.config_error(f"HTTP 400 {encode_error(answer.body)}")
+        if answer.status == 429:
+            return answer.retry_after or errors.transient("HTTP 429")
+        if answer.status >= 300:
+            return errors.transient(f"HTTP {answer.status} {encode_error(answer.body)}")
+        return None
+
+    # -- running -----------------------------------------------------------
+
+    async def run(self, runtime: SourceRuntime) -> None:
+        self._client = self.config.client(self.name)
+        try:
+            async with anyio.create_task_group() as tg:
+                for uid in self.config.uids:
+                    tg.start_soon(self._sync_loop, runtime, uid)
+                for channel in self.config.channels:
+                    tg.start_soon(self._channel_loop, runtime, channel)
+        finally:
+            await self._client.aclose()
+            self._client = None
+
+    def _normalize(
+        self, records: list[Any], endpoint: str, kind: Kind, fetched_at: int
+    ) -> tuple[list[NewEvent], list[QuarantinedRecord]]:
+        events: list[NewEvent] = []
+        quarantine: list[QuarantinedRecord] = []
+        for record in records:
+            try:
+                event = normalize(record, source=self.name, kind=kind, fetched_at=fetched_at)
+            except (BadRecord, TypeError, ValueError) as exc:
+                quarantine.append(quarantine_record(self.name, endpoint, record, str(exc)))
+                continue
+            events.append(NewEvent.from_event(event))
+        if quarantine:
+            log.warning("provider records quarantined", source=self.name, endpoint=endpoint,
+                        count=len(quarantine), first_error=quarantine[0].error)
+        return events, quarantine
+
+    def _errors(self, runtime: SourceRuntime, endpoint: str, what: str) -> LoopErrors:
+        health = runtime.health.setdefault(f"{self.name}/{what}", SourceHealth())
+        health.polling = True
+        c = self.config
+        return LoopErrors(self.name, endpoint, what, health,
+                          transient=(c.transient_backoff, c.transient_backoff_max),
+                          config=(c.config_error_backoff, c.config_error_backoff_max))
+
+    async def _sync_loop(self, runtime: SourceRuntime, uid: str) -> None:
+        endpoint = "sync"
+        errors = self._errors(runtime, endpoint, f"sync:{uid}")
+        labels = (self.name, endpoint)
+        while not runtime.stopping.is_set():
+            await runtime.wait_for_space(self.name)
+            if runtime.stopping.is_set():
+                break
+            answer = await self._call("/message/sync",
+                                      {"uid": uid, "limit": self.config.sync_limit})
+            fetched_at = now_ms()
+            delay = self._classify(answer, errors)
+            if delay is not None:
+                metrics.SOURCE_REQUESTS.labels(*labels, _outcome(answer)).inc()
+                await runtime.sleep(delay)
+                continue
+            try:
+                records = parse_sync_answer(answer.body)
+            except BadRecord as exc:
+                # Nothing is acknowledged: the server will send the same batch again.
+                metrics.SOURCE_REQUESTS.labels(*labels, "malformed").inc()
+                await runtime.commit(self.name, endpoint, [], quarantine=[
+                    quarantine_record(self.name, endpoint, answer.raw, str(exc))])
+                await runtime.sleep(errors.transient(str(exc)))
+                continue
+            metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
+            errors.ok()
+            if not records:
+                await runtime.sleep(self.config.idle_interval)
+                continue
+            events, quarantine = self._normalize(records, endpoint, "command", fetched_at)
+            result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
+                                          cursors={f"{self.name}:sync:{uid}:last_ms":
+                                                   str(fetched_at)})
+            if result is None:
+                break  # shutting down with the batch uncommitted: it stays unacknowledged
+            observe_batch(self.name, endpoint, events, fetched_at)
+            seqs = [s for s in (message_seq(r) for r in records) if s is not None]
+            if not seqs:
+                log.error("sync batch has no usable message_seq: cannot acknowledge it",
+                          source=self.name, uid=uid, records=len(records))
+                await runtime.sleep(errors.transient("no message_seq to acknowledge"))
+                continue
+            await self._ack(runtime, uid, max(seqs), errors)
+
+    async def _ack(self, runtime: SourceRuntime, uid: str, seq: int, errors: LoopErrors) -> None:
+        """Acknowledge a committed batch; retried, since acking twice is harmless."""
+        while True:
+            answer = await self._call("/message/syncack", {"uid": uid, "last_message_seq": seq})
+            delay = self._classify(answer, errors)
+            if delay is None:
+                metrics.SOURCE_REQUESTS.labels(self.name, "syncack", "ok").inc()
+                return
+            metrics.SOURCE_REQUESTS.labels(self.name, "syncack", _outcome(answer)).inc()
+            if runtime.stopping.is_set():
+                # Unacknowledged: the batch comes back after the restart and is deduplicated.
+                return
+            await runtime.sleep(delay)
+
+    async def _channel_loop(self, runtime: SourceRuntime, channel: Any) -> None:
+        endpoint = "channel"
+        what = f"channel:{channel.type}:{channel.id}"
+        errors = self._errors(runtime, endpoint, what)
+        labels = (self.name, endpoint)
+        cursor_key = f"{self.name}:{what}:seq"
+        last = int((await runtime.journal.get_cursors(cursor_key)).get(cursor_key, "0"))
+        limit = self.config.channel_limit
+        while not runtime.stopping.is_set():
+            await runtime.wait_for_space(self.name)
+            if runtime.stopping.is_set():
+                break
+            answer = await self._call("/channel/messagesync", {
+                "login_uid": self.config.login_uid, "channel_id": channel.id,
+                "channel_type": channel.type, "start_message_seq": last + 1,
+                "end_message_seq": 0, "limit": limit, "pull_mode": 1,
+            })
+            fetched_at = now_ms()
+            delay = self._classify(answer, errors)
+            if delay is not None:
+                metrics.SOURCE_REQUESTS.labels(*labels, _outcome(answer)).inc()
+                await runtime.sleep(delay)
+                continue
+            try:
+                records, more = parse_channel_answer(answer.body)
+            except BadRecord as exc:
+                metrics.SOURCE_REQUESTS.labels(*labels, "malformed").inc()
+                await runtime.commit(self.name, endpoint, [], quarantine=[
+                    quarantine_record(self.name, endpoint, answer.raw, str(exc))])
+                await runtime.sleep(errors.transient(str(exc)))
+                continue
+            metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
+            errors.ok()
+            # Only records past the cursor count; a server ignoring start_message_seq
+            # must not move the cursor backwards or re-report gaps.
+            fresh = [r for r in records if (message_seq(r) or 0) > last]
+            if not fresh:
+                await runtime.sleep(self.config.idle_interval)
+                continue
+            fresh.sort(key=lambda r: message_seq(r) or 0)
+            last = self._report_gaps(what, last, fresh)
+            events, quarantine = self._normalize(fresh, endpoint, "message", fetched_at)
+            result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
+                                          cursors={cursor_key: str(last)})
+            if result is None:
+                break
+            observe_batch(self.name, endpoint, events, fetched_at)
+            if not more and len(records) < limit:
+                await runtime.sleep(self.config.idle_interval)
+
+    def _report_gaps(self, what: str, last: int, records: list[Any]) -> int:
+        expected = last + 1
+        for record in records:
+            seq = message_seq(record) or expected
+            if seq > expected:
+                missing = seq - expected
+                metrics.SOURCE_SEQ_GAPS.labels(self.name).inc(missing)
+                log.warning("gap in message_seq: messages missing from the channel history",
+                            source=self.name, channel=what, first_missing=expected,
+                            missing=missing)
+            expected = max(expected, seq + 1)
+        return expected - 1
+
+    # -- relay check -------------------------------------------------------
+
+    async def check(self) -> list[CheckResult]:
+        """Read-only: a one-message channel read; never /message/sync (it would steal acks)."""
+        self._client = self.config.client(self.name)
+        try:
+            channel = self.config.channels[0] if self.config.channels else None
+            answer = await self._call("/channel/messagesync", {
+                "login_uid": self.config.login_uid,
+                "channel_id": channel.id if channel else self.config.login_uid,
+                "channel_type": channel.type if channel else 1,
+                "start_message_seq": 0, "end_message_seq": 0, "limit": 1, "pull_mode": 1,
+            })
+        finally:
+            await self._client.aclose()
+            self._client = None
+        target = f"{self.config.base_url} (/channel/messagesync, read-only)"
+        if answer.kind != http.RESPONSE:
+            return [CheckResult(f"source {self.name}", target, False,
+                                f"unreachable: {answer.detail}")]
+        if answer.status in (401, 403):
+            return [CheckResult(f"source {self.name}", target, False, "token rejected")]
+        ok = answer.status < 300
+        detail = "reachable, token accepted" if ok else \
+            f"HTTP {answer.status} {encode_error(answer.body)}"
+        return [CheckResult(f"source {self.name}", target, ok, detail)]
+
+
+def _outcome(answer: Answer) -> str:
+    if answer.kind != http.RESPONSE:
+        return answer.kind
+    if answer.status in (400, 401, 403):
+        return "config_error"
+    if answer.status == 429:
+        return "throttled"
+    return "transient_error"
+

@@ -1,0 +1,138 @@
+"""Kafka sink against a real Apache Kafka broker started by the test suite."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from relay.emulators.rongcloud import RongCloudEmulator, message_key
+from relay.journal import Routing
+from relay.sinks.kafka import KafkaSinkConfig, topic_for
+from tests.support.configs import file_sink, rongcloud_source, write_config
+from tests.support.emulators import serving
+from tests.support.kafka_broker import KafkaBroker
+from tests.support.kafka_read import consume
+from tests.support.relay_process import RelayProcess, count_lines, read_events, wait_for
+
+pytestmark = pytest.mark.kafka
+
+
+def kafka_sink(bootstrap: str, topic: str, **extra: object) -> dict[str, object]:
+    return {"type": "kafka", "bootstrap_servers": bootstrap, "topic": topic, **extra}
+
+
+def test_topic_templates() -> None:
+    routing = Routing("rc", "rongcloud", "message", "direct", "RC:TxtMsg", "direct:a|b")
+    assert topic_for("im.{provider}.{channel.type}", routing) == "im.rongcloud.direct"
+    assert topic_for("im.{source}.{kind}.{type}", routing) == "im.rc.message.RC_TxtMsg"
+    assert topic_for("fixed", routing) == "fixed"
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        KafkaSinkConfig(type="kafka", bootstrap_servers="x:1", topic="im.{user}")
+
+
+def test_every_event_arrives_once_in_conversation_order(
+        tmp_path: Path, kafka_broker: KafkaBroker, kafka_topic: str) -> None:
+    emulator = RongCloudEmulator("test-key", "test-secret", batch_size=50, budget=None,
+                                 redelivery_ratio=0.05, seed=21)
+    keys = emulator.generate(4000)
+    events_file = tmp_path / "events.jsonl"
+    with serving(emulator) as (_loop, server):
+        config = write_config(
+            tmp_path,
+            sources={"rc": rongcloud_source(server.urls, requests_per_second=100)},
+            sinks={"bus": kafka_sink(kafka_broker.bootstrap, kafka_topic, batch_size=700),
+                   "archive": file_sink(events_file)},
+        )
+        relay = RelayProcess(config, tmp_path / "relay.log").start()
+        try:
+            wait_for(lambda: count_lines(events_file) >= len(keys), timeout=90)
+            records = consume(kafka_broker.bootstrap, kafka_topic, len(keys), timeout=60)
+        finally:
+            relay.stop()
+    file_events = read_events(events_file)
+    ids = [r.headers["id"].decode() for r in records]
+    assert len(ids) == len(set(ids)) == len(keys)
+    assert set(ids) == {e["id"] for e in file_events}
+    for r in records:
+        event = orjson.loads(r.value)
+        assert r.key == f"{event['source']}:{event['conversation']}".encode()
+        assert r.headers["provider"] == b"rongcloud"
+        assert r.headers["kind"].decode() == event["kind"]
+        assert r.headers["type"].decode() == event["type"]
+    # Per conversation, Kafka's order (by partition offset) is the journal's order,
+    # which the file sink records line by line.
+    by_key: dict[bytes | None, list[str]] = defaultdict(list)
+    partitions_of_key: dict[bytes | None, set[int]] = defaultdict(set)
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        by_key[r.key].append(r.headers["id"].decode())
+        partitions_of_key[r.key].add(r.partition)
+    assert all(len(p) == 1 for p in partitions_of_key.values())
+    journal_order: dict[bytes, list[str]] = defaultdict(list)
+    for e in file_events:
+        journal_order[f"{e['source']}:{e['conversation']}".encode()].append(e["id"])
+    assert dict(by_key) == dict(journal_order)
+
+
+def test_sasl_scram_listener(tmp_path: Path, kafka_broker: KafkaBroker, kafka_topic: str) -> None:
+    emulator = RongCloudEmulator("test-key", "test-secret", budget=None, seed=5)
+    keys = emulator.generate(300)
+    with serving(emulator) as (_loop, server):
+        config = write_config(
+            tmp_path,
+            sources={"rc": rongcloud_source(server.urls, requests_per_second=100)},
+            sinks={"bus": kafka_sink(
+                kafka_broker.sasl_bootstrap, kafka_topic, security_protocol="SASL_PLAINTEXT",
+                sasl_mechanism="SCRAM-SHA-512", sasl_username=kafka_broker.sasl_username)},
+        )
+        relay = RelayProcess(config, tmp_path / "relay.log",
+                             env={"RELAY_SINKS__BUS__SASL_PASSWORD": kafka_broker.sasl_password})
+        relay.start()
+        try:
+            records = consume(kafka_broker.bootstrap, kafka_topic, len(keys), timeout=60)
+        finally:
+            relay.stop()
+    assert len({r.headers["id"] for r in records}) == len(keys)
+    assert kafka_broker.sasl_password not in relay.log_text()
+
+
+@pytest.mark.slow
+def test_broker_outage_loses_nothing_and_polling_continues(tmp_path: Path) -> None:
+    broker = KafkaBroker(num_partitions=3)
+    emulator = RongCloudEmulator("test-key", "test-secret", batch_size=20, budget=None, seed=8)
+    try:
+        broker.start()
+        topic = "outage"
+        first = emulator.generate(1500)
+        with serving(emulator) as (loop, server):
+            config = write_config(
+                tmp_path,
+                sources={"rc": rongcloud_source(server.urls, requests_per_second=20)},
+                sinks={"bus": kafka_sink(broker.bootstrap, topic, request_timeout="5s",
+                                         retry_backoff_max="2s")},
+            )
+            relay = RelayProcess(config, tmp_path / "relay.log").start()
+            try:
+                wait_for(lambda: len(consume(broker.bootstrap, topic, 200, timeout=5)) >= 200,
+                         timeout=60, interval=0.5)
+                broker.stop()
+                down_at = time.monotonic()
+                # While Kafka is down the relay keeps draining the provider into its journal.
+                served_before = emulator.snapshot()["served_messages"]
+                second = loop.call(lambda: emulator.generate(1500))
+                wait_for(lambda: not any(emulator.snapshot()["queued"].values()), timeout=60,
+                         message="polling to continue while Kafka is down")
+                drained_during_outage = emulator.snapshot()["served_messages"] - served_before
+                assert time.monotonic() - down_at < 60
+                broker.start()
+                records = consume(broker.bootstrap, topic, len(first) + len(second), timeout=120)
+            finally:
+                relay.stop()
+    finally:
+        broker.close()
+    delivered = {message_key(orjson.loads(r.value)["native"]) for r in records}
+    assert delivered == set(first + second), "events lost across the Kafka outage"
+    assert drained_during_outage >= 1500
