@@ -148,8 +148,9 @@ class WuKongIMEmulator:
         self.stats = WuKongIMStats()
         self.inboxes: dict[str, _Inbox] = {}
         self.channels: dict[tuple[str, int], _Channel] = {}
-        # Everything generated, served and acknowledged, for exactly-once accounting.
-        self.generated: dict[str, list[dict[str, Any]]] = {}
+        # Everything generated, served and acknowledged, for exactly-once accounting
+        # (ids only: a benchmark's millions of records would otherwise stay in memory).
+        self.generated: dict[str, list[int]] = {}
         self.served: list[SyncBatch] = []
         self.acked: list[AckRecord] = []
         self._in_flight: dict[str, int] = {}
@@ -217,7 +218,7 @@ class WuKongIMEmulator:
                 inbox.next_seq += 1
                 inbox.queue.append(_Stored(message_id, record["message_seq"], record,
                                            _encode(record)))
-                self.generated.setdefault(target, []).append(record)
+                self.generated.setdefault(target, []).append(message_id)
                 ids.append(message_id)
             self.stats.generated += count
         return ids

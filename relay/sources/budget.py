@@ -12,6 +12,10 @@ arrives at the server no later than its response returns, any two requests
 
 A new process cannot know what its predecessor sent, so a budget starts as
 if ``limit`` requests had just completed (one window of hold-off).
+
+Requests are also spaced ``window / limit`` apart (``smooth``): spending the
+whole budget in a burst and then waiting out the rest of the window would
+leave messages that arrive meanwhile waiting up to a second.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class RequestBudget:
         window: float = 1.0,
         *,
         holdoff: bool = True,
+        smooth: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if limit < 1:
@@ -42,6 +47,8 @@ class RequestBudget:
         if holdoff:
             self._done.extend([clock()] * limit)
         self._in_flight = 0
+        self._spacing = window / limit if smooth else 0.0
+        self._last_send = -float("inf")
         self._lock = anyio.Lock()
         self._released: anyio.Event | None = None
 
@@ -57,6 +64,11 @@ class RequestBudget:
             while True:
                 now = self._clock()
                 self._expire(now)
+                gap = self._last_send + self._spacing - now
+                if gap > 0:
+                    waited = True
+                    await anyio.sleep(gap)
+                    continue
                 if len(self._done) + self._in_flight < self.limit:
                     break
                 waited = True
@@ -68,6 +80,7 @@ class RequestBudget:
                         self._released = anyio.Event()
                     await self._released.wait()
             self._in_flight += 1
+            self._last_send = now
         try:
             yield waited
         finally:
@@ -90,10 +103,10 @@ class BudgetRegistry:
         self._budgets: dict[tuple[str, ...], RequestBudget] = {}
 
     def get(self, key: tuple[str, ...], limit: int, window: float = 1.0, *,
-            holdoff: bool = True) -> RequestBudget:
+            holdoff: bool = True, smooth: bool = True) -> RequestBudget:
         budget = self._budgets.get(key)
         if budget is None:
-            budget = RequestBudget(limit, window, holdoff=holdoff)
+            budget = RequestBudget(limit, window, holdoff=holdoff, smooth=smooth)
             self._budgets[key] = budget
         elif budget.limit != limit or budget.window != window:
             # Two sources on one app key must not each believe they own the budget.
