@@ -16,7 +16,9 @@ import click
 
 from relay.app import Relay
 from relay.config import load_config
+from relay.emulators.leancloud import LeanCloudEmulator
 from relay.emulators.rongcloud import RongCloudEmulator
+from relay.emulators.wukongim import WuKongIMEmulator
 from relay.logs import configure_logging, register_secrets
 
 _CONFIG = """\
@@ -36,6 +38,23 @@ app_secret = "{app_secret}"
 base_urls = [{rc_urls}]
 idle_interval = "500ms"
 
+[sources.wukongim]
+type = "wukongim"
+base_url = "{wk_url}"
+token = "{wk_token}"
+uids = ["u1", "u2"]
+channels = [{{ id = "g1", type = 2 }}]
+idle_interval = "500ms"
+
+[sources.leancloud]
+type = "leancloud"
+base_url = "{lc_url}"
+app_id = "demo-app-id"
+master_key = "{lc_key}"
+settle_delay = "1s"
+start = "1h"
+idle_interval = "500ms"
+
 [sinks.archive]
 type = "file"
 path = "{dir}/events.jsonl"
@@ -43,14 +62,14 @@ rotate_bytes = "64MiB"
 """
 
 
-def _banner(directory: Path, relay: Relay, urls: list[str]) -> str:
+def _banner(directory: Path, relay: Relay, urls: str) -> str:
     events = directory / "events.jsonl"
     config = directory / "relay.toml"
     port = relay.metrics_port
     return "\n".join([
         "",
         "IM Relay demo is running (Ctrl-C to stop).",
-        f"  emulators    RongCloud at {', '.join(urls)}",
+        f"  emulators    {urls}",
         f"  events land  {events}  (one JSON event per line)",
         f"  watch them   tail -f {events}",
         f"  status       relay status --config {config}",
@@ -77,25 +96,42 @@ def run_demo(directory: Path, rate: float) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     configure_logging("info", "auto")
     app_secret = secrets.token_urlsafe(16)
-    register_secrets([app_secret])
+    wk_token = secrets.token_urlsafe(16)
+    lc_key = secrets.token_urlsafe(16)
+    register_secrets([app_secret, wk_token, lc_key])
 
     async def main() -> None:
         rongcloud = RongCloudEmulator("demo-app-key", app_secret, redelivery_ratio=0.02,
                                       batch_size=50)
-        server = rongcloud.make_server("127.0.0.1", [0, 0])  # a primary and a backup domain
-        await server.start()
-        rongcloud.generate(150)  # a backlog, as after a restart
+        wukongim = WuKongIMEmulator(wk_token, uids=("u1", "u2"), channels=(("g1", 2),))
+        leancloud = LeanCloudEmulator("demo-app-id", lc_key)
+        servers = [rongcloud.make_server("127.0.0.1", [0, 0]),  # a primary and a backup domain
+                   wukongim.make_server("127.0.0.1", [0]),
+                   leancloud.make_server("127.0.0.1", [0])]
+        for server in servers:
+            await server.start()
+        # A backlog, as after a restart, then steady traffic.
+        rongcloud.generate(150)
+        wukongim.generate(40)
+        wukongim.generate_channel(40)
+        leancloud.generate(60, age=60)
         rongcloud.set_traffic(rate)
+        wukongim.set_traffic(rate / 10)
+        leancloud.set_traffic(rate / 2)
         config_file = directory / "relay.toml"
         config_file.write_text(_CONFIG.format(
             dir=directory.as_posix(), app_key="demo-app-key", app_secret=app_secret,
-            rc_urls=", ".join(f'"{u}"' for u in server.urls),
+            rc_urls=", ".join(f'"{u}"' for u in servers[0].urls),
+            wk_url=servers[1].urls[0], wk_token=wk_token, lc_url=servers[2].urls[0],
+            lc_key=lc_key,
         ))
         config_file.chmod(0o600)
         relay = Relay(load_config(config_file))
+        urls = (f"RongCloud {', '.join(servers[0].urls)}; WuKongIM {servers[1].urls[0]};"
+                f" LeanCloud {servers[2].urls[0]}")
 
         async def ready(r: Relay) -> None:
-            click.echo(_banner(directory, r, server.urls))
+            click.echo(_banner(directory, r, urls))
             tg.start_soon(_progress, directory / "events.jsonl", r)
 
         try:
@@ -106,7 +142,9 @@ def run_demo(directory: Path, rate: float) -> None:
 
                 tg.start_soon(run_relay)
         finally:
-            rongcloud.set_traffic(0)
-            await server.stop()
+            for emulator in (rongcloud, wukongim, leancloud):
+                emulator.set_traffic(0)
+            for server in servers:
+                await server.stop()
 
     anyio.run(main)

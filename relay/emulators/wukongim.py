@@ -154,6 +154,8 @@ class WuKongIMEmulator:
         self.served: list[SyncBatch] = []
         self.acked: list[AckRecord] = []
         self._in_flight: dict[str, int] = {}
+        self.ack_delay = 0.0  # seconds each syncack is held before it takes effect
+        self.acks_waiting = 0
         # message_id: globally unique and increasing, large like the server's snowflake ids
         # but below 2**53 so that any JSON reader keeps it exact.
         self._ids = itertools.count((int(time.time() * 1000) - 1_600_000_000_000) << 12)
@@ -401,6 +403,18 @@ class WuKongIMEmulator:
             return self._bad_request("uid不能为空!")
         if not _is_int(last) or last == 0:
             return self._bad_request("last_message_seq不能为0!")
+        if self.ack_delay > 0:
+            # Hold the ack (a slow server): a client that dies meanwhile never acked.
+            self.acks_waiting += 1
+            held_since = time.monotonic()
+            try:
+                # Polled, so that lowering ack_delay releases acks already held.
+                while time.monotonic() - held_since < self.ack_delay:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            finally:
+                self.acks_waiting -= 1
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)
         with self._lock:
             error = self._plan.error()
             malformed = not error and self._plan.malformed()

@@ -1,0 +1,757 @@
+"""The deployment files, checked with the real tools.
+
+- ``deploy/systemd``: ``systemd-analyze verify`` and ``security``; the unit's
+  sd_notify contract against a real relay process.
+- ``deploy/kubernetes``: the Kubernetes JSON schemas (``kubernetes-validate``,
+  offline), the ConfigMap's ``relay.toml`` loads as a relay configuration, the
+  pieces fit together (ports, paths, secrets, labels), the PrometheusRule equals
+  ``deploy/prometheus/alerts.yml``.
+- ``deploy/prometheus``: ``promtool check rules / test rules / check config``,
+  ``promtool check metrics`` on a running relay's ``/metrics``.
+- ``deploy/grafana``: every query parses (``promtool check rules``) and names only
+  metrics and labels the relay exports.
+
+Under ``CI=true`` a missing ``promtool`` or ``systemd-analyze`` fails these tests;
+elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML, via kubernetes-validate
+
+from relay.config import RelayConfig, load_config
+from relay.config_base import parse_duration
+from tests.support.configs import file_sink, rongcloud_source, write_config
+from tests.support.prometheus_tools import PrometheusToolsUnavailable, ensure_prometheus
+from tests.support.relay_process import RelayProcess, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+SYSTEMD_UNIT = DEPLOY / "systemd" / "im-relay.service"
+K8S = DEPLOY / "kubernetes"
+PROM = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "im-relay.json"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# Oldest Kubernetes release the manifests are meant for, and the newest schemas we have.
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
+DEFAULT_SHUTDOWN_GRACE = float(RelayConfig.model_fields["shutdown_grace"].default)
+# Target labels Prometheus adds to every series of the relay.
+TARGET_LABELS = {"job", "instance"}
+
+
+def unavailable(reason: str) -> NoReturn:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true, so failing instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+# -- fixtures and helpers -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> Path:
+    try:
+        return ensure_prometheus()
+    except PrometheusToolsUnavailable as exc:
+        reason = f"promtool unavailable: {exc}"
+    unavailable(reason)
+
+
+@pytest.fixture(scope="session")
+def promtool(prometheus_bin: Path) -> Path:
+    return prometheus_bin / "promtool"
+
+
+@pytest.fixture(scope="session")
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        unavailable("systemd-analyze is not installed (Debian package: systemd)")
+    return path
+
+
+def run(command: list[str | Path], *, stdin: bytes | None = None, cwd: Path | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(c) for c in command], input=stdin, cwd=cwd,
+                            capture_output=True, timeout=timeout, check=False)
+    return subprocess.CompletedProcess(result.args, result.returncode,
+                                       result.stdout.decode(errors="replace"),
+                                       result.stderr.decode(errors="replace"))
+
+
+def describe(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit file, every value of a key in order."""
+    settings: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def kustomize_resources() -> list[Path]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return [K8S / name for name in kustomization["resources"]]
+
+
+def all_manifests() -> list[dict[str, Any]]:
+    return [doc for path in kustomize_resources() for doc in load_yaml_documents(path)]
+
+
+def manifest(kind: str) -> dict[str, Any]:
+    found = [doc for doc in all_manifests() if doc["kind"] == kind]
+    assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"
+    return found[0]
+
+
+def relay_container() -> dict[str, Any]:
+    containers = manifest("StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+def configmap_toml() -> dict[str, Any]:
+    return tomllib.loads(manifest("ConfigMap")["data"]["relay.toml"])
+
+
+# -- systemd ----------------------------------------------------------------------------
+
+
+def unit_copy_with_existing_binary(directory: Path) -> Path:
+    """The unit, with ExecStart pointing at this virtualenv's relay; everything else identical."""
+    relay = Path(sys.executable).parent / "relay"
+    assert relay.is_file(), f"{relay}: the package's entry point"
+    assert os.access(relay, os.X_OK), f"{relay}: not executable"
+    original = SYSTEMD_UNIT.read_text()
+    copied = original.replace("ExecStart=/opt/im-relay/bin/relay ", f"ExecStart={relay} ", 1)
+    changed = [(a, b) for a, b in zip(original.splitlines(), copied.splitlines(), strict=True)
+               if a != b]
+    assert len(changed) == 1, changed
+    assert changed[0][0].startswith("ExecStart="), changed
+    path = directory / SYSTEMD_UNIT.name
+    path.write_text(copied)
+    return path
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(systemd_analyze: str, tmp_path: Path) -> None:
+    unit = unit_copy_with_existing_binary(tmp_path)
+    result = run([systemd_analyze, "verify", "--man=no", "--recursive-errors=no", unit])
+    assert result.returncode == 0, describe(result)
+    # Unknown keys, bad values and missing executables are warnings with exit 0: none allowed.
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if SYSTEMD_UNIT.name in line]
+    assert not complaints, "\n".join(complaints)
+
+
+def test_systemd_unit_verify_catches_mistakes(systemd_analyze: str, tmp_path: Path) -> None:
+    """The check above is not toothless: a misspelt key is reported."""
+    unit = unit_copy_with_existing_binary(tmp_path)
+    unit.write_text(unit.read_text().replace("WatchdogSec=", "WatchDogSec=", 1))
+    result = run([systemd_analyze, "verify", "--man=no", "--recursive-errors=no", unit])
+    assert "WatchDogSec" in result.stdout + result.stderr, describe(result)
+
+
+def test_systemd_unit_is_hardened(systemd_analyze: str, tmp_path: Path) -> None:
+    unit = unit_copy_with_existing_binary(tmp_path)
+    # Overall exposure at most 2.0 of 10 ("OK"); the threshold is in tenths.
+    result = run([systemd_analyze, "security", "--offline=yes", "--threshold=20", unit])
+    assert result.returncode == 0, describe(result)
+    assert "Overall exposure level" in result.stdout, describe(result)
+
+
+def test_systemd_unit_settings() -> None:
+    s = unit_settings(SYSTEMD_UNIT.read_text())
+
+    def one(key: str) -> str:
+        assert len(s.get(key, [])) == 1, f"{key}: {s.get(key)}"
+        return s[key][0]
+
+    assert one("ExecStart") == "/opt/im-relay/bin/relay run --config /etc/im-relay/relay.toml"
+    assert one("Type") == "notify"
+    assert one("NotifyAccess") == "main"
+    assert one("WatchdogSec") == "30"
+    assert one("Restart") == "on-failure"
+    assert parse_duration(one("RestartSec")) > 0
+    assert parse_duration(one("TimeoutStopSec")) > DEFAULT_SHUTDOWN_GRACE + 5
+    assert one("StateDirectory") == "im-relay"
+    assert one("DynamicUser") == "yes"
+    assert one("UMask") == "0077"
+    assert one("ProtectSystem") == "strict"
+    assert one("CapabilityBoundingSet") == ""
+    assert one("NoNewPrivileges") == "yes"
+    assert one("RestrictAddressFamilies") == "AF_INET AF_INET6 AF_UNIX"
+    assert "@system-service" in s["SystemCallFilter"]
+    assert one("EnvironmentFile") == "-/etc/im-relay/relay.env"
+
+    environment = dict(item.split("=", 1) for line in s["Environment"] for item in line.split())
+    assert environment["RELAY_JOURNAL__PATH"] == "%S/im-relay/relay.db"
+    # Every credential the unit loads is handed to the relay through a *_FILE variable.
+    credentials = {line.split(":", 1)[0] for line in s["LoadCredential"]}
+    referenced = {value.removeprefix("%d/") for key, value in environment.items()
+                  if value.startswith("%d/")}
+    assert credentials == referenced == {"rongcloud_app_secret"}
+    for key, value in environment.items():
+        if value.startswith("%d/"):
+            assert re.fullmatch(r"RELAY_\w+_FILE", key), key
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """An abstract-namespace datagram socket standing in for systemd's notification socket."""
+    name = f"im-relay-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind("\0" + name)
+        yield sock, "@" + name
+    finally:
+        sock.close()
+
+
+def receive_until(sock: socket.socket, done: Callable[[list[str]], bool], deadline: float,
+                  seen: list[str], what: str) -> None:
+    """Collect notification fields into ``seen`` until ``done(seen)``; fail at the deadline."""
+    while not done(seen):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting for {what}; got {seen}")
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            continue
+        seen.extend(data.decode().split("\n"))
+
+
+def test_relay_honours_the_units_notify_and_watchdog_contract(
+        tmp_path: Path, notify_socket: tuple[socket.socket, str]) -> None:
+    """Type=notify, WatchdogSec and TimeoutStopSec rely on READY=1, WATCHDOG=1 and STOPPING=1."""
+    sock, address = notify_socket
+    config = write_config(
+        tmp_path,
+        sources={"rc": rongcloud_source([f"http://127.0.0.1:{free_port()}"])},
+        sinks={"archive": file_sink(tmp_path / "events.jsonl")},
+        shutdown_grace="5s",
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+    env.pop("WATCHDOG_PID", None)
+    stop_timeout = parse_duration(unit_settings(SYSTEMD_UNIT.read_text())["TimeoutStopSec"][0])
+    log_path = tmp_path / "relay.log"
+    seen: list[str] = []
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            receive_until(sock, lambda s: "READY=1" in s, time.monotonic() + 30, seen, "READY=1")
+            # The unit says WatchdogSec=30; here 1 s, so a ping every 0.5 s.
+            pings = seen.count("WATCHDOG=1")
+            receive_until(sock, lambda s: s.count("WATCHDOG=1") >= pings + 3,
+                          time.monotonic() + 10, seen, "three watchdog pings")
+            proc.send_signal(signal.SIGTERM)
+            receive_until(sock, lambda s: "STOPPING=1" in s, time.monotonic() + 10, seen,
+                          "STOPPING=1")
+            code = proc.wait(timeout=stop_timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert code == 0, log_path.read_text(errors="replace")
+    assert seen.index("READY=1") < seen.index("STOPPING=1")
+
+
+# -- Kubernetes -------------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = {path.name for path in kustomize_resources()}
+    present = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    kinds = {doc["kind"] for doc in all_manifests()}
+    assert kinds == {"Namespace", "ConfigMap", "Secret", "Service", "StatefulSet",
+                     "ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_match_the_schemas(version: str) -> None:
+    checked = 0
+    for doc in all_manifests():
+        if doc["kind"] in MONITORING_KINDS:
+            continue  # CRDs: no schema offline; see test_monitoring_resources
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}):"
+                        f" {exc.message}", pytrace=False)
+        checked += 1
+    assert checked == 5
+
+
+def test_kubernetes_validation_is_not_toothless() -> None:
+    statefulset = manifest("StatefulSet")
+    statefulset["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(statefulset, K8S_VERSIONS[0], strict=True)
+
+
+def test_kustomize_build_renders_valid_manifests() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    result = run([kubectl, "kustomize", K8S])
+    assert result.returncode == 0, describe(result)
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert len(rendered) == len(all_manifests())
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "im-relay", doc["kind"]
+        if doc["kind"] not in MONITORING_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_statefulset_is_a_single_hardened_writer() -> None:
+    sts = manifest("StatefulSet")
+    spec = sts["spec"]
+    assert spec["replicas"] == 1
+    assert spec["podManagementPolicy"] == "OrderedReady"
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain",
+                                                            "whenScaled": "Retain"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = relay_container()
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert container["resources"] == {"requests": {"cpu": "250m", "memory": "160Mi"},
+                                      "limits": {"cpu": "1", "memory": "256Mi"}}
+    # The image's user (Dockerfile) is the one the pod runs as.
+    dockerfile_user = re.search(r"^USER (\d+):(\d+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert dockerfile_user is not None
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+        int(dockerfile_user.group(1)), int(dockerfile_user.group(2)))
+
+
+def test_statefulset_outlasts_the_shutdown_grace() -> None:
+    grace = manifest("StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    configured = parse_duration(configmap_toml().get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE))
+    assert grace == 40
+    assert grace >= max(configured, DEFAULT_SHUTDOWN_GRACE) + 10
+
+
+def test_statefulset_journal_metrics_and_probes_fit_together() -> None:
+    sts = manifest("StatefulSet")
+    container = relay_container()
+    env = container_env(container)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    # The journal lives on the claim template's volume.
+    claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    assert set(claims) == {"journal"}
+    assert claims["journal"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert Path(env["RELAY_JOURNAL__PATH"]).parent == Path(mounts["journal"])
+    # Metrics listen on all interfaces, on the port the probes, Service and ServiceMonitor use.
+    host, _, port = env["RELAY_METRICS__LISTEN"].rpartition(":")
+    assert host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": int(port)}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    service = manifest("Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert service["spec"]["ports"][0]["port"] == int(port)
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    # The config file the relay is told to read is the ConfigMap's key in the config mount.
+    args = container["args"]
+    config_file = Path(args[args.index("--config") + 1])
+    assert config_file.parent == Path(mounts["config"])
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    configmap = manifest("ConfigMap")
+    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert config_file.name in configmap["data"]
+
+
+def secret_file_keys(config: dict[str, Any]) -> dict[tuple[str, str, str], str]:
+    """``(section, name, key) -> path`` for every ``*_file`` key of the sources and sinks."""
+    found = {}
+    for section in ("sources", "sinks"):
+        for name, table in config.get(section, {}).items():
+            for key, value in table.items():
+                if key.endswith("_file"):
+                    found[(section, name, key)] = value
+    return found
+
+
+def test_secrets_are_mounted_files_referenced_by_file_keys() -> None:
+    container = relay_container()
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in manifest("StatefulSet")["spec"]["template"]["spec"]["volumes"]}
+    secret = manifest("Secret")
+    assert volumes["secrets"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert mounts["secrets"]["readOnly"] is True
+    # Readable by the pod's group (fsGroup), by nobody else.
+    assert volumes["secrets"]["secret"]["defaultMode"] == 0o440
+    references = secret_file_keys(configmap_toml())
+    assert references, "the ConfigMap's relay.toml references no secret file"
+    for path in references.values():
+        assert Path(path).parent == Path(mounts["secrets"]["mountPath"])
+        assert Path(path).name in secret["stringData"]
+    # No secret in the environment or the ConfigMap.
+    assert all("SECRET" not in name and "TOKEN" not in name for name in container_env(container))
+    assert "app_secret =" not in manifest("ConfigMap")["data"]["relay.toml"]
+
+
+def test_configmap_relay_toml_is_a_valid_relay_config(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded as the pod would: environment from the StatefulSet, secrets as files."""
+    text = manifest("ConfigMap")["data"]["relay.toml"]
+    config_file = tmp_path / "relay.toml"
+    config_file.write_text(text)
+    for name, value in container_env(relay_container()).items():
+        monkeypatch.setenv(name, value)
+    secrets = manifest("Secret")["stringData"]
+    for (section, name, key), path in secret_file_keys(tomllib.loads(text)).items():
+        local = tmp_path / Path(path).name
+        local.write_text(secrets[Path(path).name])
+        monkeypatch.setenv(f"RELAY_{section}__{name}__{key}".upper(), str(local))
+    config = load_config(config_file)
+    assert config.journal.path == "/var/lib/relay/relay.db"
+    assert config.metrics.listen == "0.0.0.0:9464"
+    assert config.journal.max_bytes is not None
+    assert config.secret_values() == [secrets["rongcloud_app_secret"]]
+
+
+def test_monitoring_resources() -> None:
+    service = manifest("Service")
+    monitor = manifest("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        service["metadata"]["labels"].items()
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+    # The alert rules expect job="im-relay": the operator names the job after the Service.
+    assert "jobLabel" not in monitor["spec"]
+    assert service["metadata"]["name"] == "im-relay"
+    # Metrics matter most when the pod is not ready (a sink down): keep it scrapeable.
+    assert service["spec"]["publishNotReadyAddresses"] is True
+
+    rule = manifest("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = yaml.safe_load((PROM / "alerts.yml").read_text())
+    assert rule["spec"] == alerts, "prometheusrule.yaml differs from deploy/prometheus/alerts.yml"
+
+
+# -- Prometheus rules -------------------------------------------------------------------
+
+
+def test_promtool_check_rules(promtool: Path) -> None:
+    result = run([promtool, "check", "rules", PROM / "alerts.yml"])
+    assert result.returncode == 0, describe(result)
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_rule_unit_tests(promtool: Path) -> None:
+    result = run([promtool, "test", "rules", PROM / "alerts_test.yml"], cwd=PROM)
+    assert result.returncode == 0, describe(result)
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_check_example_config(promtool: Path) -> None:
+    result = run([promtool, "check", "config", PROM / "prometheus.example.yml"], cwd=PROM)
+    assert result.returncode == 0, describe(result)
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_every_alert_has_severity_annotations_and_both_unit_test_outcomes() -> None:
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"]["summary"].strip(), rule["alert"]
+        assert rule["annotations"]["description"].strip(), rule["alert"]
+    tests = yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"]
+    cases = [case for test in tests for case in test["alert_rule_test"]]
+    fires = {case["alertname"] for case in cases if case["exp_alerts"]}
+    stays_quiet = {case["alertname"] for case in cases if not case["exp_alerts"]}
+    assert fires == set(names), f"never seen firing: {set(names) - fires}"
+    assert stays_quiet == set(names), f"never seen not firing: {set(names) - stays_quiet}"
+
+
+def test_alerts_cover_the_operational_signals() -> None:
+    exprs = " ".join(rule["expr"] for rule in alert_rules())
+    for needed in ("relay_source_data_age_seconds", "relay_source_last_success_timestamp_seconds",
+                   "relay_source_retention_seconds", "relay_source_config_error",
+                   "relay_source_requests_total", "relay_source_possible_loss_total",
+                   "relay_sink_up", "relay_sink_oldest_pending_age_seconds",
+                   "relay_journal_size_bytes", "relay_journal_limit_bytes",
+                   "relay_journal_disk_full", "relay_sink_dead_letters_total",
+                   'up{job="im-relay"}'):
+        assert needed in exprs, needed
+
+
+# -- metric names and labels used by the rules and the dashboard --------------------------
+
+# Gives every metric of relay.metrics one series, so that every family shows up in the
+# exposition with its labels. Runs in a child process: the test process's registry is
+# shared with other tests.
+SAMPLE_ALL_METRICS = """
+import sys
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from relay import metrics
+
+for collector in vars(metrics).values():
+    if isinstance(collector, metrics.BatchHistogram):
+        collector.observe_many(tuple("x" for _ in collector.labelnames), [0.01, 2.0, 1e6])
+    elif isinstance(collector, Counter | Gauge | Histogram):
+        names = collector._labelnames
+        child = collector.labels(*["x"] * len(names)) if names else collector
+        if isinstance(collector, Counter):
+            child.inc()
+        elif isinstance(collector, Gauge):
+            child.set(1)
+        else:
+            child.observe(0.01)
+sys.stdout.buffer.write(generate_latest(metrics.REGISTRY))
+"""
+
+
+@pytest.fixture(scope="module")
+def all_metrics_exposition() -> bytes:
+    result = subprocess.run([sys.executable, "-c", SAMPLE_ALL_METRICS], capture_output=True,
+                            timeout=60, check=False, cwd=REPO)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+def exposition_labels(text: str) -> dict[str, set[str]]:
+    """Sample name -> label names, from Prometheus text exposition."""
+    found: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*?)\})?\s", line)
+        assert match, line
+        labels = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', match.group(2) or ""))
+        found.setdefault(match.group(1), set()).update(labels)
+    return found
+
+
+def check_promql_references(expr: str, exported: dict[str, set[str]]) -> list[str]:
+    """Problems with the relay metric and label names a PromQL expression uses."""
+    problems = []
+    names = set(re.findall(r"\b(relay_[a-z0-9_]+)\b", expr))
+    for name in sorted(names - exported.keys()):
+        problems.append(f"unknown metric {name}")
+    for name, matchers in re.findall(r"\b(relay_[a-z0-9_]+)\{([^}]*)\}", expr):
+        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", matchers):
+            if name in exported and label not in exported[name] | TARGET_LABELS:
+                problems.append(f"{name} has no label {label}")
+    known = set(TARGET_LABELS)
+    for name in names & exported.keys():
+        known |= exported[name]
+    for clause in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
+        for label in filter(None, (x.strip() for x in clause.split(","))):
+            if label not in known:
+                problems.append(f"grouping by unknown label {label}")
+    return problems
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def dashboard_exprs() -> list[str]:
+    return [target["expr"] for panel in dashboard()["panels"] for target in
+            panel.get("targets", [])]
+
+
+def as_plain_promql(expr: str) -> str:
+    """A dashboard query with Grafana's variables replaced, as Prometheus would receive it."""
+    expr = expr.replace("$__rate_interval", "5m")
+    return re.sub(r"\$(instance|source|sink)\b", ".*", expr)
+
+
+def test_alert_rules_use_only_exported_metrics_and_labels(all_metrics_exposition: bytes) -> None:
+    exported = exposition_labels(all_metrics_exposition.decode())
+    problems = [f"{rule['alert']}: {p}" for rule in alert_rules()
+                for p in check_promql_references(rule["expr"], exported)]
+    assert not problems, "\n".join(problems)
+
+
+def test_dashboard_uses_only_exported_metrics_and_labels(all_metrics_exposition: bytes) -> None:
+    exported = exposition_labels(all_metrics_exposition.decode())
+    variables = [v["query"]["query"] for v in dashboard()["templating"]["list"]
+                 if v["type"] == "query"]
+    problems = [f"{expr}: {p}" for expr in dashboard_exprs() + variables
+                for p in check_promql_references(as_plain_promql(expr), exported)]
+    assert not problems, "\n".join(problems)
+
+
+def test_reference_check_is_not_toothless(all_metrics_exposition: bytes) -> None:
+    exported = exposition_labels(all_metrics_exposition.decode())
+    assert check_promql_references('relay_sink_up{source="x"}', exported)
+    assert check_promql_references("relay_sink_pending_total", exported)
+    assert check_promql_references("sum by (endpoint) (relay_sink_up)", exported)
+    assert not check_promql_references(
+        'sum by (sink, le) (rate(relay_sink_delivery_latency_seconds_bucket{sink=~".*"}[5m]))',
+        exported)
+
+
+def test_dashboard_queries_parse(promtool: Path, tmp_path: Path) -> None:
+    """Every panel query, as a recording rule, through promtool's PromQL parser."""
+    exprs = dashboard_exprs()
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": as_plain_promql(expr)}
+        for i, expr in enumerate(exprs)]}]}
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = run([promtool, "check", "rules", path])
+    assert result.returncode == 0, describe(result)
+    assert f"SUCCESS: {len(exprs)} rules found" in result.stdout, describe(result)
+
+
+def test_dashboard_structure_and_signals() -> None:
+    board = dashboard()
+    assert board["uid"] == "im-relay"
+    panels = board["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert {"datasource", "instance", "source", "sink"} <= variables
+    exprs = " ".join(dashboard_exprs())
+    for needed in ("relay_source_requests_total", "relay_source_events_total",
+                   "relay_source_data_age_seconds", "relay_source_retention_seconds",
+                   "relay_sink_pending_events", "relay_sink_oldest_pending_age_seconds",
+                   "relay_journal_size_bytes", "relay_sink_dead_letters_total"):
+        assert needed in exprs, needed
+    assert re.search(r"histogram_quantile\(0\.99, sum by \(sink, le\) \(rate\("
+                     r"relay_sink_delivery_latency_seconds_bucket", exprs)
+
+
+# -- the relay's own /metrics -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def running_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real relay process: a RongCloud source nobody answers, a file sink, metrics on."""
+    directory = tmp_path_factory.mktemp("relay-metrics")
+    port = free_port()
+    config = write_config(
+        directory,
+        sources={"rc": rongcloud_source([f"http://127.0.0.1:{free_port()}"])},
+        sinks={"archive": file_sink(directory / "events.jsonl")},
+        metrics={"enabled": True, "listen": f"127.0.0.1:{port}"},
+    )
+    relay = RelayProcess(config, directory / "relay.log").start()
+    base = f"http://127.0.0.1:{port}"
+
+    def answering() -> bool:
+        assert relay.running(), relay.log_text()
+        try:
+            return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(answering, 30, message="the relay's /healthz")
+        yield base
+    finally:
+        relay.stop()
+
+
+def test_relay_metrics_pass_promtool_check_metrics(running_relay: str, promtool: Path) -> None:
+    # Wait until every source endpoint has made a request, so its series exist.
+    def scraped() -> str | None:
+        text = httpx.get(f"{running_relay}/metrics", timeout=5).text
+        return text if text.count("relay_source_requests_total{") >= 3 else None
+
+    text: str = wait_for(scraped, 30, message="requests of every RongCloud endpoint in /metrics")
+    assert 'relay_sink_up{sink="archive"} 1.0' in text
+    result = run([promtool, "check", "metrics"], stdin=text.encode())
+    assert result.returncode == 0, describe(result)
+    assert not (result.stdout + result.stderr).strip(), describe(result)
+
+
+def test_every_metric_family_passes_promtool_check_metrics(all_metrics_exposition: bytes,
+                                                           promtool: Path) -> None:
+    """Also the families a quiet relay has no series for (histograms, loss, dead letters)."""
+    result = run([promtool, "check", "metrics"], stdin=all_metrics_exposition)
+    assert result.returncode == 0, describe(result)
+    assert not (result.stdout + result.stderr).strip(), describe(result)
+
+
+def test_promtool_check_metrics_is_not_toothless(promtool: Path) -> None:
+    bad = b"# HELP relay_requests Requests.\n# TYPE relay_requests counter\nrelay_requests 1\n"
+    result = run([promtool, "check", "metrics"], stdin=bad)
+    assert result.returncode != 0, describe(result)
+
+
+def test_health_endpoints_used_by_the_probes(running_relay: str) -> None:
+    health = httpx.get(f"{running_relay}/healthz", timeout=5)
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok"}
+    ready = httpx.get(f"{running_relay}/readyz", timeout=5)
+    body = ready.json()
+    assert ready.status_code == (200 if body["ready"] else 503)
+    assert body["checks"]["journal"] == "open"
+    assert {"source rc/person", "source rc/group", "source rc/chatroom",
+            "sink archive"} <= body["checks"].keys()
