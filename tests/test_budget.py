@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 import anyio
@@ -82,5 +83,5 @@ async def test_requests_are_spread_over_the_window() -> None:
     for _ in range(5):
         async with budget.slot():
             sends.append(anyio.current_time())
-    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
     assert min(gaps) >= 0.099

@@ -755,3 +755,101 @@ def test_health_endpoints_used_by_the_probes(running_relay: str) -> None:
     assert body["checks"]["journal"] == "open"
     assert {"source rc/person", "source rc/group", "source rc/chatroom",
             "sink archive"} <= body["checks"].keys()
+
+
+# -- a real Prometheus scraping the real relay ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus_server(running_relay: str, prometheus_bin: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prometheus with the example config, pointed at the running relay, scraping every second."""
+    directory = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((PROM / "prometheus.example.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(PROM / name) for name in config["rule_files"]]
+    (job,) = config["scrape_configs"]
+    job.update(scrape_interval="1s", scrape_timeout="1s")
+    job["static_configs"][0]["targets"] = [running_relay.removeprefix("http://")]
+    config_file = directory / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = directory / "prometheus.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(prometheus_bin / "prometheus"), f"--config.file={config_file}",
+             f"--storage.tsdb.path={directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=directory)
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            try:
+                return httpx.get(f"{base}/-/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_for(ready, 30, message="Prometheus to be ready")
+            yield base
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def instant_query(base: str, expr: str) -> dict[str, Any]:
+    response = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=10)
+    body: dict[str, Any] = response.json()
+    assert body["status"] == "success", f"{expr}: {body}"
+    return body
+
+
+def test_prometheus_scrapes_the_relay_and_evaluates_every_alert_rule(
+        prometheus_server: str) -> None:
+    def scraped_twice() -> bool:
+        # Two samples in a window are what rate() and increase() need.
+        result = instant_query(prometheus_server,
+                               'count(rate(relay_source_requests_total{job="im-relay"}[1m]))')
+        return bool(result["data"]["result"])
+
+    wait_for(scraped_twice, 30, message="two scrapes of the relay")
+    up = instant_query(prometheus_server, 'up{job="im-relay"}')["data"]["result"]
+    assert [sample["value"][1] for sample in up] == ["1"]
+
+    def evaluated() -> list[dict[str, Any]] | None:
+        response = httpx.get(f"{prometheus_server}/api/v1/rules", timeout=10).json()
+        rules = [rule for group in response["data"]["groups"] for rule in group["rules"]]
+        return rules if rules and all(r["health"] != "unknown" for r in rules) else None
+
+    rules = wait_for(evaluated, 30, message="a first evaluation of every rule")
+    assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+    broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
+    assert not broken
+    # A healthy relay (sources merely unreachable for seconds) raises no alert yet.
+    firing = [r["name"] for r in rules if r["state"] == "firing"]
+    assert not firing
+
+
+def test_dashboard_queries_run_on_real_data(prometheus_server: str) -> None:
+    def scraped_twice() -> bool:
+        result = instant_query(prometheus_server,
+                               'count(rate(relay_source_requests_total{job="im-relay"}[1m]))')
+        return bool(result["data"]["result"])
+
+    wait_for(scraped_twice, 30, message="two scrapes of the relay")
+    empty = []
+    for expr in dashboard_exprs():
+        plain = as_plain_promql(expr).replace("[5m]", "[1m]")
+        if not instant_query(prometheus_server, plain)["data"]["result"]:
+            empty.append(expr)
+    # What a relay with an unreachable source and an idle file sink has data for.
+    for signal_name in ("relay_source_requests_total", "relay_sink_pending_events",
+                        "relay_sink_oldest_pending_age_seconds", "relay_journal_size_bytes",
+                        "relay_source_retention_seconds", "up{"):
+        assert any(signal_name in expr for expr in dashboard_exprs() if expr not in empty), \
+            f"no dashboard query on {signal_name} returned data"

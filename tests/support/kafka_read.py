@@ -32,7 +32,7 @@ async def _consume(bootstrap: str, topic: str, expected: int, timeout: float,
         while partitions is None and time.monotonic() < deadline:
             partitions = consumer.partitions_for_topic(topic)
             if partitions is None:
-                await consumer._client.force_metadata_update()  # noqa: SLF001
+                await consumer._client.force_metadata_update()
                 await asyncio.sleep(0.1)
         if partitions is None:
             return records
