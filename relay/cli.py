@@ -22,6 +22,7 @@ import click
 
 from relay import __version__
 from relay.config import ConfigError, RelayConfig, load_config
+from relay.config_base import parse_point_in_time
 from relay.event import json_schema
 from relay.journal import JournalError, JournalLockedError, JournalStats, SqliteJournal
 from relay.logs import configure_logging, register_secrets
@@ -173,6 +174,162 @@ def check(config_file: str | None) -> None:
         failed += 0 if r.ok else 1
         click.echo(f"{mark} {r.component:<24} {r.target}: {r.detail}")
     sys.exit(1 if failed else 0)
+
+
+# -- dead letters and replay ------------------------------------------------
+
+
+def _admin_journal(config: RelayConfig) -> SqliteJournal:
+    try:
+        return SqliteJournal.open_admin(config.journal.path)
+    except JournalError as exc:
+        fail(str(exc), 1)
+
+
+def _known_sink(config: RelayConfig, sink: str | None) -> None:
+    if sink is not None and sink not in config.sinks:
+        fail(f"no sink named {sink!r} in the configuration (sinks: "
+             f"{', '.join(config.sinks) or 'none'})")
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: events a sink's destination refused for good."""
+
+
+@dlq.command("list")
+@config_option
+@click.option("--sink", help="Only this sink's dead letters.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def dlq_list(config_file: str | None, sink: str | None, limit: int, as_json: bool) -> None:
+    """List dead letters, oldest first."""
+    config = _load(config_file, require_components=False)
+    _known_sink(config, sink)
+
+    async def query() -> list[Any]:
+        journal = _admin_journal(config)
+        try:
+            return await journal.dead_letters(sink, limit)
+        finally:
+            await journal.close()
+
+    letters = anyio.run(query)
+    if as_json:
+        click.echo(json.dumps([{"id": d.dlid, "sink": d.sink, "event_id": d.event_id,
+                                "error": d.error, "attempts": d.attempts,
+                                "failed_at": _iso(d.failed_at), "replay_requested": d.replay}
+                               for d in letters], indent=2))
+        return
+    if not letters:
+        click.echo("no dead letters")
+        return
+    click.echo(f"{'id':>6}  {'sink':<14} {'failed at':<20} {'tries':>5}  event / error")
+    for d in letters:
+        flag = " (replay requested)" if d.replay else ""
+        click.echo(f"{d.dlid:>6}  {d.sink:<14} {_iso(d.failed_at):<20} {d.attempts:>5}  "
+                   f"{d.event_id}{flag}\n{'':>50}{d.error[:120]}")
+
+
+@dlq.command("show")
+@config_option
+@click.argument("dlid", type=int)
+def dlq_show(config_file: str | None, dlid: int) -> None:
+    """One dead letter with its event."""
+    config = _load(config_file, require_components=False)
+
+    async def query() -> list[Any]:
+        journal = _admin_journal(config)
+        try:
+            return await journal.dead_letters(None, 1, dlid=dlid)
+        finally:
+            await journal.close()
+
+    letters = anyio.run(query)
+    if not letters:
+        fail(f"no dead letter {dlid}", 1)
+    d = letters[0]
+    click.echo(json.dumps({"id": d.dlid, "sink": d.sink, "event_seq": d.event_seq,
+                           "event_id": d.event_id, "error": d.error, "attempts": d.attempts,
+                           "failed_at": _iso(d.failed_at), "replay_requested": d.replay,
+                           "event": json.loads(d.payload)}, indent=2, ensure_ascii=False))
+
+
+@dlq.command("replay")
+@config_option
+@click.option("--sink", help="Replay all of this sink's dead letters.")
+@click.option("--id", "dlids", type=int, multiple=True, help="A dead letter id (repeatable).")
+@click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
+               everything: bool) -> None:
+    """Re-deliver dead letters through their sink (by the running relay, or at its next start)."""
+    config = _load(config_file, require_components=False)
+    _known_sink(config, sink)
+    if not (sink or dlids or everything):
+        fail("say what to replay: --sink NAME, --id N or --all")
+
+    async def apply() -> int:
+        journal = _admin_journal(config)
+        try:
+            return await journal.request_dead_letter_replay(sink, list(dlids))
+        finally:
+            await journal.close()
+
+    count = anyio.run(apply)
+    click.echo(f"{count} dead letter(s) marked for replay; the running relay delivers them"
+               " within seconds (or at its next start) and removes those delivered")
+
+
+@dlq.command("purge")
+@config_option
+@click.option("--sink", help="Purge all of this sink's dead letters.")
+@click.option("--id", "dlids", type=int, multiple=True, help="A dead letter id (repeatable).")
+@click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
+def dlq_purge(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
+              everything: bool) -> None:
+    """Delete dead letters for good."""
+    config = _load(config_file, require_components=False)
+    _known_sink(config, sink)
+    if not (sink or dlids or everything):
+        fail("say what to purge: --sink NAME, --id N or --all")
+
+    async def apply() -> int:
+        journal = _admin_journal(config)
+        try:
+            return await journal.remove_dead_letters(list(dlids), sink=sink,
+                                                     everything=everything)
+        finally:
+            await journal.close()
+
+    click.echo(f"{anyio.run(apply)} dead letter(s) purged")
+
+
+@main.command()
+@config_option
+@click.option("--sink", required=True, help="The sink to re-feed.")
+@click.option("--since", required=True,
+              help="RFC 3339 time (2026-11-25T08:00:00Z) or a duration back (2h, 30m).")
+def replay(config_file: str | None, sink: str, since: str) -> None:
+    """Re-deliver to a sink everything the journal holds from a point in time."""
+    config = _load(config_file, require_components=False)
+    _known_sink(config, sink)
+    try:
+        since_ms = parse_point_in_time(since, int(time.time() * 1000))
+    except ValueError as exc:
+        fail(f"--since: {exc}")
+
+    async def apply() -> int:
+        journal = _admin_journal(config)
+        try:
+            await journal.request_control(sink, "replay", str(since_ms))
+            return await journal.count_since(since_ms)
+        finally:
+            await journal.close()
+
+    count = anyio.run(apply)
+    click.echo(f"replay of sink {sink} from {_iso(since_ms)} requested: {count} event(s) held"
+               " from then on will be delivered again by the running relay within a second"
+               " (or at its next start)")
 
 
 # -- emulators ---------------------------------------------------------------

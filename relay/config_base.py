@@ -9,6 +9,7 @@ as systemd ``LoadCredential`` and Kubernetes secret volumes provide).
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,6 +53,22 @@ def parse_size(value: Any) -> int:
             factor = 1024 ** "bkmgt".index(base) if binary and base != "b" else _SIZE_UNITS[base]
             return int(float(match.group(1)) * factor)
     raise ValueError("expected a size such as 512MiB or 10GB")
+
+
+def parse_point_in_time(value: str, now_ms: int) -> int:
+    """Milliseconds since the epoch from a duration back from now (``2h``) or RFC 3339."""
+    try:
+        return now_ms - int(parse_duration(value) * 1000)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("expected a duration such as 2h or an RFC 3339 time such as"
+                         " 2026-11-25T08:00:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

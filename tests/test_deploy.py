@@ -820,6 +820,11 @@ def test_prometheus_scrapes_the_relay_and_evaluates_every_alert_rule(
     wait_for(scraped_twice, 30, message="two scrapes of the relay")
     up = instant_query(prometheus_server, 'up{job="im-relay"}')["data"]["result"]
     assert [sample["value"][1] for sample in up] == ["1"]
+    # The relay's counters moved between scrapes (it keeps trying its source).
+    moved = wait_for(lambda: instant_query(
+        prometheus_server, 'sum(increase(relay_source_requests_total{job="im-relay"}[1m])) > 0'
+    )["data"]["result"], 30, message="relay counters to move")
+    assert float(moved[0]["value"][1]) > 0
 
     def evaluated() -> list[dict[str, Any]] | None:
         response = httpx.get(f"{prometheus_server}/api/v1/rules", timeout=10).json()

@@ -117,6 +117,7 @@ class DeadLetter:
     attempts: int
     failed_at: int
     payload: bytes
+    replay: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,32 @@ class Journal(Protocol):
     ) -> None:
         """Keep events a sink gave up on, with the error."""
 
-    async def dead_letters(self, sink: str | None, limit: int) -> list[DeadLetter]: ...
+    async def dead_letters(self, sink: str | None, limit: int, *,
+                           dlid: int | None = None) -> list[DeadLetter]: ...
 
-    async def remove_dead_letters(self, dlids: Sequence[int]) -> int: ...
+    async def request_dead_letter_replay(self, sink: str | None, dlids: Sequence[int]) -> int:
+        """Mark dead letters for re-delivery by their sink (all of ``sink``'s without ids)."""
+
+    async def dead_letters_to_replay(self, sink: str, limit: int) -> list[tuple[int,
+                                                                             StoredEvent]]:
+        """Dead letters marked for replay, as ``(dlid, event)``."""
+
+    async def settle_dead_letters(self, delivered: Sequence[int],
+                                  refused: Sequence[tuple[int, str]]) -> None:
+        """Drop replayed dead letters that were delivered; keep the refused ones."""
+
+    async def remove_dead_letters(self, dlids: Sequence[int], *, sink: str | None = None,
+                                  everything: bool = False) -> int:
+        """Purge by ids, by sink, or everything."""
+
+    async def request_control(self, sink: str, action: str, arg: str) -> None:
+        """Leave a request (e.g. ``replay``) for the sink's runner, running now or later."""
+
+    async def take_control(self, sink: str) -> list[tuple[str, str]]:
+        """The sink's pending requests, removed as they are taken."""
+
+    async def count_since(self, since_ms: int) -> int:
+        """Events fetched at or after ``since_ms``."""
 
     async def compact(self, now_ms: int) -> int:
         """Drop events past retention that every sink has delivered; returns how many."""

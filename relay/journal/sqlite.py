@@ -69,8 +69,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             dlid INTEGER PRIMARY KEY AUTOINCREMENT,
             sink TEXT NOT NULL, event_seq INTEGER NOT NULL, event_id TEXT NOT NULL,
             error TEXT NOT NULL, attempts INTEGER NOT NULL, failed_at INTEGER NOT NULL,
-            payload BLOB NOT NULL)""",
+            payload BLOB NOT NULL, routing BLOB NOT NULL, fetched_at INTEGER NOT NULL,
+            replay INTEGER NOT NULL DEFAULT 0)""",
         "CREATE INDEX dead_letters_sink ON dead_letters(sink, dlid)",
+        # Requests from the CLI (replay) to a running relay, which applies them.
+        """CREATE TABLE control(
+            cid INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, action TEXT NOT NULL,
+            arg TEXT NOT NULL, created_at INTEGER NOT NULL)""",
     ),
 }
 
@@ -209,6 +214,30 @@ class SqliteJournal:
                 f"{SCHEMA_VERSION}: upgrade the relay"
             )
         return cls(db_path, None, reader, None, retain_ms=0, min_free_bytes=0)
+
+    @classmethod
+    def open_admin(cls, path: str | os.PathLike[str]) -> SqliteJournal:
+        """Open for small writes beside a running relay (``relay dlq``, ``relay replay``).
+
+        Takes no single-writer lock: SQLite serializes the writes, and what the
+        CLI writes (requests, dead-letter flags) the running relay only reads.
+        """
+        db_path = Path(path)
+        if not db_path.exists():
+            raise JournalError(f"no journal at {db_path}")
+        try:
+            writer = cls._connect(db_path)
+            version = writer.execute("PRAGMA user_version").fetchone()[0]
+            reader = cls._connect(db_path)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open the journal {db_path}: {exc}") from None
+        if version != SCHEMA_VERSION:
+            writer.close()
+            reader.close()
+            raise JournalSchemaError(
+                f"the journal {db_path} has schema version {version}, this relay {SCHEMA_VERSION}:"
+                " run this relay version once (relay run) to migrate it first")
+        return cls(db_path, writer, reader, None, retain_ms=0, min_free_bytes=0)
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -471,33 +500,118 @@ class SqliteJournal:
         def apply(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "INSERT INTO dead_letters(sink, event_seq, event_id, error, attempts, failed_at,"
-                " payload) VALUES (?,?,?,?,?,?,?)",
-                [(sink, e.seq, e.id, error, attempts, now, e.payload) for e in events],
+                " payload, routing, fetched_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                [(sink, e.seq, e.id, error, attempts, now, e.payload, e.routing_json,
+                  e.fetched_at) for e in events],
             )
 
         await self._write(apply)
 
-    async def dead_letters(self, sink: str | None, limit: int) -> list[DeadLetter]:
+    async def dead_letters(self, sink: str | None, limit: int, *,
+                           dlid: int | None = None) -> list[DeadLetter]:
         def query(conn: sqlite3.Connection) -> list[DeadLetter]:
             sql = (
-                "SELECT dlid, sink, event_seq, event_id, error, attempts, failed_at, payload"
-                " FROM dead_letters"
+                "SELECT dlid, sink, event_seq, event_id, error, attempts, failed_at, payload,"
+                " replay FROM dead_letters WHERE 1=1"
             )
-            params: tuple[Any, ...] = ()
+            params: list[Any] = []
             if sink is not None:
-                sql += " WHERE sink = ?"
-                params = (sink,)
+                sql += " AND sink = ?"
+                params.append(sink)
+            if dlid is not None:
+                sql += " AND dlid = ?"
+                params.append(dlid)
             rows = conn.execute(sql + " ORDER BY dlid LIMIT ?", (*params, limit)).fetchall()
-            return [DeadLetter(*row) for row in rows]
+            return [DeadLetter(dlid=r[0], sink=r[1], event_seq=r[2], event_id=r[3], error=r[4],
+                               attempts=r[5], failed_at=r[6], payload=r[7], replay=bool(r[8]))
+                    for r in rows]
 
         return await self._reader.run(query)
 
-    async def remove_dead_letters(self, dlids: Sequence[int]) -> int:
+    async def request_dead_letter_replay(self, sink: str | None, dlids: Sequence[int]) -> int:
+        """Mark dead letters for re-delivery (all of ``sink``'s when no ids are given)."""
+
         def apply(conn: sqlite3.Connection) -> int:
-            cur = conn.executemany("DELETE FROM dead_letters WHERE dlid = ?", [(d,) for d in dlids])
+            if dlids:
+                cur = conn.executemany("UPDATE dead_letters SET replay = 1 WHERE dlid = ?",
+                                       [(d,) for d in dlids])
+            elif sink is not None:
+                cur = conn.execute("UPDATE dead_letters SET replay = 1 WHERE sink = ?", (sink,))
+            else:
+                cur = conn.execute("UPDATE dead_letters SET replay = 1")
             return cur.rowcount
 
         return await self._write(apply)
+
+    async def dead_letters_to_replay(self, sink: str, limit: int) -> list[tuple[int,
+                                                                             StoredEvent]]:
+        def query(conn: sqlite3.Connection) -> list[tuple[int, StoredEvent]]:
+            rows = conn.execute(
+                "SELECT dlid, event_seq, event_id, fetched_at, routing, payload FROM dead_letters"
+                " WHERE sink = ? AND replay = 1 ORDER BY dlid LIMIT ?", (sink, limit)).fetchall()
+            return [(row[0], StoredEvent(*row[1:])) for row in rows]
+
+        return await self._reader.run(query)
+
+    async def settle_dead_letters(self, delivered: Sequence[int],
+                                  refused: Sequence[tuple[int, str]]) -> None:
+        """After a replay: drop what was delivered, count another attempt on the rest."""
+        now = _now_ms()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM dead_letters WHERE dlid = ?",
+                             [(d,) for d in delivered])
+            conn.executemany(
+                "UPDATE dead_letters SET replay = 0, attempts = attempts + 1, error = ?,"
+                " failed_at = ? WHERE dlid = ?", [(err, now, d) for d, err in refused])
+
+        await self._write(apply)
+
+    async def remove_dead_letters(self, dlids: Sequence[int], *, sink: str | None = None,
+                                  everything: bool = False) -> int:
+        def apply(conn: sqlite3.Connection) -> int:
+            if dlids:
+                cur = conn.executemany("DELETE FROM dead_letters WHERE dlid = ?",
+                                       [(d,) for d in dlids])
+            elif sink is not None:
+                cur = conn.execute("DELETE FROM dead_letters WHERE sink = ?", (sink,))
+            elif everything:
+                cur = conn.execute("DELETE FROM dead_letters")
+            else:
+                return 0
+            return cur.rowcount
+
+        return await self._write(apply)
+
+    # -- control requests --------------------------------------------------
+
+    async def request_control(self, sink: str, action: str, arg: str) -> None:
+        now = _now_ms()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO control(sink, action, arg, created_at) VALUES (?,?,?,?)",
+                         (sink, action, arg, now))
+
+        await self._write(apply)
+
+    async def take_control(self, sink: str) -> list[tuple[str, str]]:
+        """Pending requests for ``sink`` (removed as they are returned)."""
+
+        def apply(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute("SELECT cid, action, arg FROM control WHERE sink = ?"
+                                " ORDER BY cid", (sink,)).fetchall()
+            if rows:
+                conn.executemany("DELETE FROM control WHERE cid = ?", [(r[0],) for r in rows])
+            return [(r[1], r[2]) for r in rows]
+
+        return await self._write(apply)
+
+    async def count_since(self, since_ms: int) -> int:
+        def query(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM events WHERE fetched_at >= ?",
+                                    (since_ms,)).fetchone()[0])
+
+        return await self._reader.run(query)
 
     # -- housekeeping ------------------------------------------------------
 

@@ -10,12 +10,15 @@ from pydantic import Field
 from relay.sinks.base import Sink, SinkConfig
 from relay.sinks.file import FileSink, FileSinkConfig
 from relay.sinks.kafka import KafkaSink, KafkaSinkConfig
+from relay.sinks.webhook import WebhookSink, WebhookSinkConfig
 
-SinkConfigUnion = Annotated[FileSinkConfig | KafkaSinkConfig, Field(discriminator="type")]
+SinkConfigUnion = Annotated[FileSinkConfig | KafkaSinkConfig | WebhookSinkConfig,
+                            Field(discriminator="type")]
 
 SINKS: dict[str, Callable[[str, Any], Sink]] = {
     "file": FileSink,
     "kafka": KafkaSink,
+    "webhook": WebhookSink,
 }
 
 

@@ -27,6 +27,8 @@ from relay.sinks.base import (
 
 log = get_logger("relay.sink")
 
+REQUEST_POLL_INTERVAL = 1.0  # how often a running sink looks for CLI requests
+
 
 @dataclass
 class SinkHealth:
@@ -82,12 +84,16 @@ class SinkRunner:
         self.health.cursor = cursor
         sink_filter = self.config.filter
         filtering = not sink_filter.is_empty()
+        last_requests = 0.0
         while not stopping.is_set():
+            if time.monotonic() - last_requests >= REQUEST_POLL_INTERVAL:
+                last_requests = time.monotonic()
+                cursor = await self._serve_requests(cursor, stopping)
             rows = await self.journal.read(cursor, self.config.batch_size)
             if not rows:
                 metrics.SINK_PENDING.labels(self.name).set(0)
                 metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(0)
-                # Short, so that shutdown is noticed promptly while idle.
+                # Short, so that shutdown and requests are noticed promptly while idle.
                 await self.journal.wait_for_events(cursor, 0.5)
                 continue
             metrics.SINK_PENDING.labels(self.name).set(max(0, self.journal.last_seq - cursor))
@@ -97,16 +103,47 @@ class SinkRunner:
             selected = [r for r in rows if sink_filter.matches(r)] if filtering else rows
             if len(selected) != len(rows):
                 metrics.SINK_FILTERED.labels(self.name).inc(len(rows) - len(selected))
-            if selected and not await self._deliver(selected, stopping):
-                return
+            if selected:
+                result = await self._deliver(selected, stopping)
+                if result is None:
+                    return
+                await self._dead_letter(result)
+                self._observe(selected, result)
             cursor = rows[-1].seq
             # Shielded: a delivered batch must have its cursor recorded, or it repeats.
             with anyio.CancelScope(shield=True):
                 await self.journal.advance_sink(self.name, cursor)
             self.health.cursor = cursor
 
-    async def _deliver(self, batch: list[StoredEvent], stopping: anyio.Event) -> bool:
-        """Deliver one batch, retrying as the sink says; False if stopped before success."""
+    async def _serve_requests(self, cursor: int, stopping: anyio.Event) -> int:
+        """Apply replay requests left by the CLI and re-deliver dead letters marked for it."""
+        for action, arg in await self.journal.take_control(self.name):
+            if action == "replay":
+                cursor = await self.journal.rewind_sink(self.name, int(arg))
+                self.health.cursor = cursor
+                log.info("replaying from the journal", sink=self.name, since_ms=int(arg),
+                         from_seq=cursor + 1)
+        while not stopping.is_set():
+            marked = await self.journal.dead_letters_to_replay(self.name, self.config.batch_size)
+            if not marked:
+                break
+            events = [event for _, event in marked]
+            result = await self._deliver(events, stopping)
+            if result is None:
+                break
+            refused = {event.seq: error for event, error in result.rejected}
+            await self.journal.settle_dead_letters(
+                [dlid for dlid, e in marked if e.seq not in refused],
+                [(dlid, refused[e.seq]) for dlid, e in marked if e.seq in refused],
+            )
+            self._observe(events, result)
+            log.info("dead letters replayed", sink=self.name, delivered=len(marked) - len(refused),
+                     still_refused=len(refused))
+        return cursor
+
+    async def _deliver(self, batch: list[StoredEvent],
+                       stopping: anyio.Event) -> DeliveryResult | None:
+        """Deliver one batch, retrying as the sink says; None if stopped before success."""
         while True:
             try:
                 result = await self.sink.deliver(batch)
@@ -128,42 +165,46 @@ class SinkRunner:
                 log.error("delivery failed; retrying", sink=self.name, error=str(exc),
                           retry_in_seconds=round(delay, 2))
             else:
-                await self._succeeded(batch, result)
-                return True
+                self._succeeded()
+                return result
             if stopping.is_set():
-                return False
+                return None
             await self._sleep(delay, stopping)
             if stopping.is_set():
-                return False
+                return None
 
     def _note_failure(self, outcome: str) -> None:
         metrics.SINK_ATTEMPTS.labels(self.name, outcome).inc()
         metrics.SINK_UP.labels(self.name).set(0)
         self.health.connected = False
 
-    async def _succeeded(self, batch: list[StoredEvent], result: DeliveryResult) -> None:
+    def _succeeded(self) -> None:
         if self.health.paused or not self.health.connected:
-            log.info("sink delivering again", sink=self.name)
+            log.info("sink delivering", sink=self.name)
         self.health.paused = None
         self.health.connected = True
         self._backoff.reset()
         metrics.SINK_UP.labels(self.name).set(1)
         metrics.SINK_ATTEMPTS.labels(self.name, "ok").inc()
-        rejected_ids = set()
-        if result.rejected:
-            by_error: dict[str, list[StoredEvent]] = {}
-            for event, error in result.rejected:
-                by_error.setdefault(error, []).append(event)
-                rejected_ids.add(event.seq)
-            for error, events in by_error.items():
-                with anyio.CancelScope(shield=True):
-                    await self.journal.add_dead_letters(self.name, events, error, attempts=1)
-                log.error("events refused by the destination: moved to dead letters",
-                          sink=self.name, events=len(events), error=error)
-            metrics.SINK_DEAD_LETTERS.labels(self.name).inc(len(result.rejected))
-            metrics.SINK_ATTEMPTS.labels(self.name, "dead_letter").inc()
+
+    async def _dead_letter(self, result: DeliveryResult) -> None:
+        if not result.rejected:
+            return
+        by_error: dict[str, list[StoredEvent]] = {}
+        for event, error in result.rejected:
+            by_error.setdefault(error, []).append(event)
+        for error, events in by_error.items():
+            with anyio.CancelScope(shield=True):
+                await self.journal.add_dead_letters(self.name, events, error, attempts=1)
+            log.error("events refused by the destination: moved to dead letters",
+                      sink=self.name, events=len(events), error=error)
+        metrics.SINK_DEAD_LETTERS.labels(self.name).inc(len(result.rejected))
+        metrics.SINK_ATTEMPTS.labels(self.name, "dead_letter").inc()
+
+    def _observe(self, batch: list[StoredEvent], result: DeliveryResult) -> None:
+        rejected = {event.seq for event, _ in result.rejected}
         now_ms = time.time() * 1000
         latencies = [max(0.0, (now_ms - e.fetched_at) / 1000)
-                     for e in batch if e.seq not in rejected_ids]
+                     for e in batch if e.seq not in rejected]
         metrics.SINK_LATENCY.observe_many((self.name,), latencies)
         metrics.SINK_DELIVERED.labels(self.name).inc(len(latencies))

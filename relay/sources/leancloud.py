@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime
 from typing import Any, Literal
 
 import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from relay import metrics
-from relay.config_base import Duration, parse_duration
+from relay.config_base import Duration, parse_point_in_time
 from relay.journal import NewEvent, QuarantinedRecord
 from relay.logs import get_logger
 from relay.sources import http
@@ -78,11 +77,7 @@ def start_ms(value: str, now: int) -> int:
     if value == "earliest":
         return 0
     try:
-        return now - int(parse_duration(value) * 1000)
-    except ValueError:
-        pass
-    try:
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
+        return parse_point_in_time(value, now)
     except ValueError:
         raise ValueError("expected 'earliest', a duration such as 24h, or an RFC 3339 time")\
             from None
