@@ -107,26 +107,35 @@ class Relay:
         assert self.runtime is not None
         stopping = self.stopping
         runtime = self.runtime
-        # Workers (sources, sinks) outlive the control tasks (signals, housekeeping).
-        async with anyio.create_task_group() as workers, anyio.create_task_group() as control:
-            control.start_soon(self._watch_signals, workers)
-            control.start_soon(self._housekeeping)
-            for source in self.sources:
-                workers.start_soon(self._supervise, f"source {source.name}",
-                                   lambda s=source: s.run(runtime))
-            for runner in self.runners:
-                workers.start_soon(self._supervise, f"sink {runner.name}",
-                                   lambda r=runner: r.run(stopping))
-            log.info("relay started", sources=[s.name for s in self.sources],
-                     sinks=[r.name for r in self.runners], journal=self.config.journal.path,
-                     metrics=f"{self.config.metrics.listen}" if self.metrics_port else "off")
-            self.notifier.ready(f"polling {len(self.sources)} source(s)")
-            if on_ready is not None:
-                result = on_ready(self)
-                if result is not None:
-                    await result
-            await stopping.wait()
-            control.cancel_scope.cancel()
+        # The signal watcher outlives everything (a second signal must still be heard
+        # while workers drain); workers (sources, sinks) outlive the control tasks.
+        async with anyio.create_task_group() as outer:
+            async with anyio.create_task_group() as workers:
+                outer.start_soon(self._watch_signals, workers)
+                async with anyio.create_task_group() as control:
+                    control.start_soon(self._housekeeping)
+                    watchdog = self.notifier.watchdog_interval()
+                    if watchdog is not None:
+                        control.start_soon(self._watchdog, watchdog)
+                    for source in self.sources:
+                        workers.start_soon(self._supervise, f"source {source.name}",
+                                           lambda s=source: s.run(runtime))
+                    for runner in self.runners:
+                        workers.start_soon(self._supervise, f"sink {runner.name}",
+                                           lambda r=runner: r.run(stopping))
+                    log.info("relay started", sources=[s.name for s in self.sources],
+                             sinks=[r.name for r in self.runners],
+                             journal=self.config.journal.path,
+                             metrics=f"{self.config.metrics.listen.rpartition(':')[0]}:"
+                                     f"{self.metrics_port}" if self.metrics_port else "off")
+                    self.notifier.ready(f"polling {len(self.sources)} source(s)")
+                    if on_ready is not None:
+                        result = on_ready(self)
+                        if result is not None:
+                            await result
+                    await stopping.wait()
+                    control.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
 
     def request_stop(self) -> None:
         if self.stopping is not None and not self.stopping.is_set():
@@ -161,13 +170,10 @@ class Relay:
         assert self.journal is not None
         journal = self.journal
         c = self.config
-        watchdog = self.notifier.watchdog_interval()
         last_compact = time.monotonic()
         last_stats = 0.0
         while True:
             now = time.monotonic()
-            if watchdog is not None:
-                self.notifier.watchdog()
             if now - last_compact >= c.journal.compact_interval:
                 last_compact = now
                 removed = await journal.compact(int(time.time() * 1000))
@@ -189,7 +195,17 @@ class Relay:
                     " (dropping data is never the default) until the disk is full",
                     size_bytes=size, limit_bytes=limit,
                 )
-            interval = HOUSEKEEPING_INTERVAL if watchdog is None else min(HOUSEKEEPING_INTERVAL,
-                                                                          watchdog)
+            await anyio.sleep(HOUSEKEEPING_INTERVAL)
+
+    async def _watchdog(self, interval: float) -> None:
+        """systemd's watchdog: pinged from its own task, so a long compaction never trips it.
+
+        Each ping also proves the journal answers: a wedged journal thread stops them.
+        """
+        assert self.journal is not None
+        while True:
+            with anyio.move_on_after(interval * 1.5):
+                await self.journal.get_cursors("\x00")
+                self.notifier.watchdog()
             await anyio.sleep(interval)
 

@@ -21,7 +21,7 @@ import anyio
 import click
 
 from relay import __version__
-from relay.config import ConfigError, RelayConfig, load_config
+from relay.config import AdminView, ConfigError, RelayConfig, load_admin_view, load_config
 from relay.config_base import parse_point_in_time
 from relay.event import json_schema
 from relay.journal import JournalError, JournalLockedError, JournalStats, SqliteJournal
@@ -125,10 +125,10 @@ def _format_status(stats: JournalStats) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_file: str | None, as_json: bool) -> None:
     """Journal depth, source cursors and the lag of every sink."""
-    config = _load(config_file, require_components=False)
+    view = _admin_view(config_file)
 
     async def read() -> JournalStats:
-        journal = SqliteJournal.open_readonly(config.journal.path)
+        journal = SqliteJournal.open_readonly(view.journal_path)
         try:
             return await journal.stats()
         finally:
@@ -179,17 +179,24 @@ def check(config_file: str | None) -> None:
 # -- dead letters and replay ------------------------------------------------
 
 
-def _admin_journal(config: RelayConfig) -> SqliteJournal:
+def _admin_view(config_file: str | None) -> AdminView:
     try:
-        return SqliteJournal.open_admin(config.journal.path)
+        return load_admin_view(config_file)
+    except ConfigError as exc:
+        fail(f"invalid configuration: {exc}")
+
+
+def _admin_journal(view: AdminView) -> SqliteJournal:
+    try:
+        return SqliteJournal.open_admin(view.journal_path)
     except JournalError as exc:
         fail(str(exc), 1)
 
 
-def _known_sink(config: RelayConfig, sink: str | None) -> None:
-    if sink is not None and sink not in config.sinks:
+def _known_sink(view: AdminView, sink: str | None) -> None:
+    if sink is not None and sink not in view.sinks:
         fail(f"no sink named {sink!r} in the configuration (sinks: "
-             f"{', '.join(config.sinks) or 'none'})")
+             f"{', '.join(view.sinks) or 'none'})")
 
 
 @main.group()
@@ -204,11 +211,11 @@ def dlq() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def dlq_list(config_file: str | None, sink: str | None, limit: int, as_json: bool) -> None:
     """List dead letters, oldest first."""
-    config = _load(config_file, require_components=False)
-    _known_sink(config, sink)
+    view = _admin_view(config_file)
+    _known_sink(view, sink)
 
     async def query() -> list[Any]:
-        journal = _admin_journal(config)
+        journal = _admin_journal(view)
         try:
             return await journal.dead_letters(sink, limit)
         finally:
@@ -236,10 +243,10 @@ def dlq_list(config_file: str | None, sink: str | None, limit: int, as_json: boo
 @click.argument("dlid", type=int)
 def dlq_show(config_file: str | None, dlid: int) -> None:
     """One dead letter with its event."""
-    config = _load(config_file, require_components=False)
+    view = _admin_view(config_file)
 
     async def query() -> list[Any]:
-        journal = _admin_journal(config)
+        journal = _admin_journal(view)
         try:
             return await journal.dead_letters(None, 1, dlid=dlid)
         finally:
@@ -263,13 +270,13 @@ def dlq_show(config_file: str | None, dlid: int) -> None:
 def dlq_replay(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
                everything: bool) -> None:
     """Re-deliver dead letters through their sink (by the running relay, or at its next start)."""
-    config = _load(config_file, require_components=False)
-    _known_sink(config, sink)
+    view = _admin_view(config_file)
+    _known_sink(view, sink)
     if not (sink or dlids or everything):
         fail("say what to replay: --sink NAME, --id N or --all")
 
     async def apply() -> int:
-        journal = _admin_journal(config)
+        journal = _admin_journal(view)
         try:
             return await journal.request_dead_letter_replay(sink, list(dlids))
         finally:
@@ -288,13 +295,13 @@ def dlq_replay(config_file: str | None, sink: str | None, dlids: tuple[int, ...]
 def dlq_purge(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
               everything: bool) -> None:
     """Delete dead letters for good."""
-    config = _load(config_file, require_components=False)
-    _known_sink(config, sink)
+    view = _admin_view(config_file)
+    _known_sink(view, sink)
     if not (sink or dlids or everything):
         fail("say what to purge: --sink NAME, --id N or --all")
 
     async def apply() -> int:
-        journal = _admin_journal(config)
+        journal = _admin_journal(view)
         try:
             return await journal.remove_dead_letters(list(dlids), sink=sink,
                                                      everything=everything)
@@ -311,15 +318,15 @@ def dlq_purge(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
               help="RFC 3339 time (2026-11-25T08:00:00Z) or a duration back (2h, 30m).")
 def replay(config_file: str | None, sink: str, since: str) -> None:
     """Re-deliver to a sink everything the journal holds from a point in time."""
-    config = _load(config_file, require_components=False)
-    _known_sink(config, sink)
+    view = _admin_view(config_file)
+    _known_sink(view, sink)
     try:
         since_ms = parse_point_in_time(since, int(time.time() * 1000))
     except ValueError as exc:
         fail(f"--since: {exc}")
 
     async def apply() -> int:
-        journal = _admin_journal(config)
+        journal = _admin_journal(view)
         try:
             await journal.request_control(sink, "replay", str(since_ms))
             return await journal.count_since(since_ms)

@@ -155,6 +155,38 @@ def _format_error(exc: ValidationError) -> str:
     return f"{key}: {message}{suffix}" if key else f"{message}{suffix}"
 
 
+class AdminView(BaseModel):
+    """What ``relay status`` / ``dlq`` / ``replay`` need: no source credentials."""
+
+    journal_path: str
+    sinks: list[str]
+
+
+def load_admin_view(path: str | os.PathLike[str] | None) -> AdminView:
+    """The journal path and sink names, even when secrets (``*_file``) are not readable here.
+
+    An operator's shell often cannot read the service's credentials; these
+    commands only touch the journal, so they must not need them.
+    """
+    try:
+        config = load_config(path, require_components=False)
+        return AdminView(journal_path=config.journal.path, sinks=list(config.sinks))
+    except ConfigError as exc:
+        first_error = exc
+    file = config_path(str(path) if path is not None else None)
+    try:
+        with file.open("rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        raise first_error from None
+    journal = data.get("journal")
+    journal_path = os.environ.get("RELAY_JOURNAL__PATH") or \
+        (journal.get("path") if isinstance(journal, dict) else None) or JournalConfig().path
+    sinks = data.get("sinks")
+    names = [str(name) for name in sinks] if isinstance(sinks, dict) else []
+    return AdminView(journal_path=str(journal_path), sinks=names)
+
+
 def config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get("RELAY_CONFIG_FILE") or DEFAULT_CONFIG_FILE)
 

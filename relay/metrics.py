@@ -11,13 +11,26 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from relay import __version__
 
+# The *_created series double the series count and nothing here uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Resident memory, CPU, open files, start time: what the deployment limits are checked against.
+ProcessCollector(registry=REGISTRY)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 300.0, 1800.0, 3600.0, 10800.0)
@@ -234,3 +247,34 @@ SINK_LATENCY = BatchHistogram(
     _LATENCY_BUCKETS,
     REGISTRY,
 )
+
+
+REQUEST_OUTCOMES = ("ok", "empty", "throttled", "config_error", "transient_error",
+                    "connect_error", "timeout", "malformed")
+
+
+def init_source(source: str, endpoints: Sequence[str], retention: float = 0.0) -> None:
+    """Create a source's series at zero, so that the first increment is visible to increase()."""
+    SOURCE_CONFIG_ERROR.labels(source).set(0)
+    SOURCE_FAILOVERS.labels(source)
+    SOURCE_SEQ_GAPS.labels(source)
+    for endpoint in endpoints:
+        for outcome in REQUEST_OUTCOMES:
+            SOURCE_REQUESTS.labels(source, endpoint, outcome)
+        for outcome in ("new", "duplicate", "quarantined"):
+            SOURCE_EVENTS.labels(source, endpoint, outcome)
+        SOURCE_POSSIBLE_LOSS.labels(source, endpoint)
+        SOURCE_BUDGET_WAITS.labels(source, endpoint)
+        SOURCE_SUSPECTED_THROTTLED.labels(source, endpoint)
+        SOURCE_RETENTION.labels(source, endpoint).set(retention)
+
+
+def init_sink(sink: str) -> None:
+    """Create a sink's series at zero (see :func:`init_source`)."""
+    SINK_DELIVERED.labels(sink)
+    SINK_FILTERED.labels(sink)
+    SINK_DEAD_LETTERS.labels(sink)
+    for outcome in ("ok", "retry", "dead_letter", "paused", "refused"):
+        SINK_ATTEMPTS.labels(sink, outcome)
+    SINK_PENDING.labels(sink).set(0)
+    SINK_OLDEST_PENDING_AGE.labels(sink).set(0)

@@ -125,3 +125,21 @@ def test_second_relay_on_the_same_journal_exits_2(tmp_path: Path) -> None:
         anyio.run(held.close)
     assert result.returncode == 2
     assert "in use by another relay" in result.stderr
+
+
+def test_admin_commands_work_without_the_services_secrets(tmp_path: Path) -> None:
+    """An operator's shell often cannot read the service's credential files."""
+    text = GOOD.replace('app_secret = "s3cr3t-value-from-toml"',
+                        'app_secret_file = "/nonexistent/credential"')
+    text += f'\n[journal]\npath = "{tmp_path}/j.db"\n'
+    path = write(tmp_path, text)
+    assert run_cli("run", "--config", str(path)).returncode == 2
+    from relay.journal import SqliteJournal
+
+    import anyio
+
+    anyio.run(lambda: SqliteJournal.open(tmp_path / "j.db").close())
+    status = run_cli("status", "--config", str(path))
+    assert status.returncode == 0, status.stderr
+    assert "journal" in status.stdout
+    assert run_cli("dlq", "list", "--config", str(path)).returncode == 0

@@ -183,3 +183,47 @@ def test_sigterm_exits_zero_and_loses_nothing(tmp_path: Path) -> None:
             relay.stop()
     events = read_events(events_file)
     assert set(event_key(e) for e in events) == set(keys)
+
+
+def test_second_signal_exits_at_once_and_the_journal_survives(tmp_path: Path) -> None:
+    import signal
+    import sqlite3
+
+    emulator = RongCloudEmulator("test-key", "test-secret", batch_size=20, seed=17)
+    keys = emulator.generate(1500)
+    with serving(emulator) as (loop, server):
+        relay, events_file = start_relay(tmp_path, server.urls)
+        wait_for(lambda: count_lines(events_file) >= 300, timeout=60)
+        # Answers now take 5 s: the first SIGTERM has to wait for the ones in flight.
+        emulator.faults.update({"slow_ratio": 1.0, "slow_seconds": 5.0})
+        wait_for(lambda: sum(1 for b in emulator.served if time.monotonic() - b.at < 1) >= 1,
+                 timeout=10, message="slow answers in flight")
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in relay.log_text(), timeout=10)
+        second = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        code = relay.wait(timeout=10)
+        exit_took = time.monotonic() - second
+        killed_at = time.monotonic()
+        served_before = loop.call(lambda: list(emulator.served))
+        emulator.faults.update({"slow_ratio": 0.0})
+        check = sqlite3.connect(tmp_path / "relay.db")
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        check.close()
+        relay.start()
+        try:
+            wait_for(lambda: not any(emulator.snapshot()["queued"].values()), timeout=60)
+            wait_for(lambda: _settled(events_file), timeout=15)
+        finally:
+            relay.stop()
+    print(f"second signal: exit {code} after {exit_took:.2f}s")
+    assert code == 128 + signal.SIGTERM
+    assert exit_took < 2.0
+    seen = {event_key(e) for e in read_events(events_file)}
+    in_flight: set[str] = set()
+    for endpoint in ENDPOINTS:
+        batches = [b for b in served_before if b.endpoint == endpoint and b.at <= killed_at]
+        if batches:
+            in_flight.update(batches[-1].keys)
+    assert set(keys) - seen <= in_flight

@@ -50,6 +50,7 @@ class SinkRunner:
         return self.sink.name
 
     async def run(self, stopping: anyio.Event) -> None:
+        metrics.init_sink(self.name)
         if not await self._start(stopping):
             return
         try:
@@ -167,6 +168,11 @@ class SinkRunner:
             else:
                 self._succeeded()
                 return result
+            # The lag keeps growing while the batch waits: let the gauges show it.
+            metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(
+                max(0.0, time.time() - batch[0].fetched_at / 1000))
+            metrics.SINK_PENDING.labels(self.name).set(
+                max(0, self.journal.last_seq - batch[0].seq + 1))
             if stopping.is_set():
                 return None
             await self._sleep(delay, stopping)

@@ -115,6 +115,7 @@ class LeanCloudSource:
 
     async def run(self, runtime: SourceRuntime) -> None:
         c = self.config
+        metrics.init_source(self.name, [ENDPOINT])
         health = runtime.health.setdefault(f"{self.name}/{ENDPOINT}", SourceHealth())
         health.polling = True
         errors = LoopErrors(self.name, ENDPOINT, ENDPOINT, health,

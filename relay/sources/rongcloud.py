@@ -201,9 +201,12 @@ class RongCloudSource:
         """Say loudly at start-up when the time since the last poll may have cost data."""
         cursors = await runtime.journal.get_cursors(f"{self.name}:")
         now = now_ms()
+        metrics.init_source(self.name, self.config.endpoints, self.config.retention)
         for endpoint in self.config.endpoints:
-            metrics.SOURCE_RETENTION.labels(self.name, endpoint).set(self.config.retention)
             last = cursors.get(self._cursor_key(endpoint))
+            if last is not None:
+                # Alerts on "time since the last successful poll" hold across restarts.
+                metrics.SOURCE_LAST_SUCCESS.labels(self.name, endpoint).set(int(last) / 1000)
             if last is None:
                 log.info("first start of this endpoint: no earlier poll recorded",
                          source=self.name, endpoint=endpoint)

@@ -116,6 +116,7 @@ class WuKongIMSource:
     # -- running -----------------------------------------------------------
 
     async def run(self, runtime: SourceRuntime) -> None:
+        metrics.init_source(self.name, ["sync", "syncack", "channel"])
         self._client = self.config.client(self.name)
         try:
             async with anyio.create_task_group() as tg:
