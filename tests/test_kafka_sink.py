@@ -136,3 +136,39 @@ def test_broker_outage_loses_nothing_and_polling_continues(tmp_path: Path) -> No
     delivered = {message_key(orjson.loads(r.value)["native"]) for r in records}
     assert delivered == set(first + second), "events lost across the Kafka outage"
     assert drained_during_outage >= 1500
+
+
+def test_an_oversized_event_is_dead_lettered_not_retried_forever(
+        tmp_path: Path, kafka_broker: KafkaBroker, kafka_topic: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    emulator = RongCloudEmulator("test-key", "test-secret", budget=None, seed=6)
+    emulator.generate(20, "person")
+    big = emulator.make_record("person", 10_000, int(time.time() * 1000))
+    big["content"] = {"content": "x" * 300_000}
+    emulator.queues["person"].appendleft(type(emulator.queues["person"][0])(
+        big["msgUID"], big, time.time()))
+    with serving(emulator) as (_loop, server):
+        config = write_config(
+            tmp_path,
+            sources={"rc": rongcloud_source(server.urls, requests_per_second=100)},
+            sinks={"bus": kafka_sink(kafka_broker.bootstrap, kafka_topic,
+                                     max_request_bytes="200KiB")},
+        )
+        relay = RelayProcess(config, tmp_path / "relay.log").start()
+        try:
+            records = consume(kafka_broker.bootstrap, kafka_topic, 20, timeout=60)
+
+            def dead_letters() -> list[dict[str, object]]:
+                out = subprocess.run([sys.executable, "-m", "relay", "dlq", "list", "--json",
+                                      "--config", str(config)], capture_output=True, text=True)
+                return list(json.loads(out.stdout or "[]"))
+
+            letters = wait_for(dead_letters, timeout=30)
+        finally:
+            relay.stop()
+    assert len(records) == 20
+    assert [d["event_id"] for d in letters] == [f"rc:{big['msgUID']}"]
+    assert "TooLarge" in str(letters[0]["error"])

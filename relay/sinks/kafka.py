@@ -20,7 +20,13 @@ from typing import Any, Literal
 import anyio
 from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4, has_snappy, has_zstd
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidMessageError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from relay.config_base import ByteSize, Duration
@@ -30,6 +36,10 @@ from relay.sinks.base import DeliveryResult, RetryableError, SinkConfig, SinkErr
 from relay.sources.base import CheckResult
 
 log = get_logger("relay.sink.kafka")
+
+# The record itself is unacceptable: retrying cannot help, the event is dead-lettered.
+RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidMessageError,
+                 InvalidTopicError)
 
 _PLACEHOLDER = re.compile(r"\{([a-z_.]+)\}")
 _TOPIC_FIELDS = {
@@ -173,17 +183,27 @@ class KafkaSink:
         producer = self._producer
         template = self.config.topic
         futures = []
+        result = DeliveryResult()
         try:
             # Bounded: with the brokers gone, aiokafka can wait for metadata indefinitely.
             with anyio.fail_after(self.config.request_timeout * 2):
                 for event in events:
                     key, headers, routing = kafka_record(event)
-                    futures.append(await producer.send(
-                        topic_for(template, routing), event.payload, key=key, headers=headers))
-                for future in futures:
-                    await future
+                    try:
+                        future = await producer.send(topic_for(template, routing), event.payload,
+                                                     key=key, headers=headers)
+                    except RECORD_ERRORS as exc:
+                        result.rejected.append((event, _describe(exc)))
+                        continue
+                    futures.append((event, future))
+                for event, future in futures:
+                    try:
+                        await future
+                    except RECORD_ERRORS as exc:
+                        result.rejected.append((event, _describe(exc)))
         except (KafkaError, OSError, TimeoutError) as exc:
-            for future in futures:
+            futures_only = [f for _, f in futures]
+            for future in futures_only:
                 if not future.done():
                     future.cancel()
                 elif not future.cancelled():
@@ -191,7 +211,7 @@ class KafkaSink:
             await self._reset()
             raise RetryableError(f"Kafka did not acknowledge the batch: {_describe(exc)}") \
                 from None
-        return DeliveryResult()
+        return result
 
     async def close(self) -> None:
         await self._reset()
