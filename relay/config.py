@@ -187,6 +187,16 @@ def load_admin_view(path: str | os.PathLike[str] | None) -> AdminView:
     return AdminView(journal_path=str(journal_path), sinks=names)
 
 
+def parse_config(data: dict[str, Any]) -> RelayConfig:
+    """Validate parsed TOML (plus the environment); raises :class:`ConfigError` naming the key."""
+    try:
+        return RelayConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    except (TypeError, ValueError) as exc:  # e.g. environment values that are not JSON
+        raise ConfigError(str(exc)) from None
+
+
 def config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get("RELAY_CONFIG_FILE") or DEFAULT_CONFIG_FILE)
 
@@ -207,10 +217,7 @@ def load_config(
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-    try:
-        config = RelayConfig(**data)
-    except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+    config = parse_config(data)
     if require_components:
         if not config.sources:
             raise ConfigError("sources: at least one [sources.NAME] table is required")

@@ -134,9 +134,9 @@ def test_admin_commands_work_without_the_services_secrets(tmp_path: Path) -> Non
     text += f'\n[journal]\npath = "{tmp_path}/j.db"\n'
     path = write(tmp_path, text)
     assert run_cli("run", "--config", str(path)).returncode == 2
-    from relay.journal import SqliteJournal
-
     import anyio
+
+    from relay.journal import SqliteJournal
 
     anyio.run(lambda: SqliteJournal.open(tmp_path / "j.db").close())
     status = run_cli("status", "--config", str(path))
