@@ -1,4 +1,4 @@
-"""Secrets never reach output; safe defaults (TLS verification, loopback metrics, owner-only files)."""
+"""Secrets never reach output; safe defaults (TLS checks, loopback metrics, owner-only files)."""
 
 from __future__ import annotations
 
@@ -137,7 +137,9 @@ def test_secrets_are_hidden_in_reprs_and_config_errors() -> None:
                                          "app_secret": SECRETS["rc_secret"]}},
                          sinks={"f": {"type": "file"}})
     assert_clean(repr(config) + str(config.model_dump()), "repr")
-    with pytest.raises(Exception) as info:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
         RelayConfig(sources={"rc": {"type": "rongcloud", "app_key": SECRETS["rc_secret"],
                                     "app_secret": SECRETS["rc_secret"], "endpoints": "x"}})
     assert_clean(str(info.value), "validation error")
