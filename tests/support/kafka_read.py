@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ class Record:
 
 
 async def _consume(bootstrap: str, topic: str, expected: int, timeout: float,
+                   done: Callable[[list[Record]], bool] | None = None,
                    **client: Any) -> list[Record]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest", **client)
@@ -41,6 +43,8 @@ async def _consume(bootstrap: str, topic: str, expected: int, timeout: float,
         await consumer.seek_to_beginning(*assigned)
         while len(records) < expected and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            if not batch and done is not None and done(records):
+                break
             for tp_records in batch.values():
                 for m in tp_records:
                     records.append(Record(m.partition, m.offset, m.key, m.value,
@@ -51,6 +55,7 @@ async def _consume(bootstrap: str, topic: str, expected: int, timeout: float,
 
 
 def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
-            **client: Any) -> list[Record]:
-    """Everything on ``topic`` (all partitions, from the start) until ``expected`` or timeout."""
-    return asyncio.run(_consume(bootstrap, topic, expected, timeout, **client))
+            done: Callable[[list[Record]], bool] | None = None, **client: Any) -> list[Record]:
+    """Everything on ``topic`` (all partitions, from the start) until ``expected`` records,
+    or until ``done(records)`` holds once the topic has nothing more to give, or timeout."""
+    return asyncio.run(_consume(bootstrap, topic, expected, timeout, done, **client))
