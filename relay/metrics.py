@@ -56,6 +56,10 @@ class BatchHistogram(Collector):
         registry.register(self)
 
     def observe_many(self, labels: tuple[str, ...], values: Iterable[float]) -> None:
+        self.observe_counted(labels, ((value, 1) for value in values))
+
+    def observe_counted(self, labels: tuple[str, ...], pairs: Iterable[tuple[float, int]]) -> None:
+        """Observe each ``value`` ``count`` times (events of one fetch share their latency)."""
         bounds = self.bounds
         with self._lock:
             series = self._series.get(labels)
@@ -63,9 +67,9 @@ class BatchHistogram(Collector):
                 series = ([0] * (len(bounds) + 1), [0.0])
                 self._series[labels] = series
             counts, total = series
-            for value in values:
-                counts[bisect_left(bounds, value)] += 1
-                total[0] += value
+            for value, count in pairs:
+                counts[bisect_left(bounds, value)] += count
+                total[0] += value * count
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
