@@ -32,9 +32,12 @@ def start_emulator(provider: str, *args: str) -> tuple[subprocess.Popen[str], di
 
 
 def start_relay(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``relay run`` in its own process (``RELAY_BENCH_LAUNCHER``: a script to run instead)."""
     env = {**os.environ}
+    launcher = [sys.executable, env["RELAY_BENCH_LAUNCHER"]] \
+        if env.get("RELAY_BENCH_LAUNCHER") else [sys.executable, "-m", "relay"]
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)],
+        return subprocess.Popen([*launcher, "run", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
