@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
+import anyio.to_thread
 import click
 
 from relay import __version__
@@ -337,6 +338,46 @@ def replay(config_file: str | None, sink: str, since: str) -> None:
     click.echo(f"replay of sink {sink} from {_iso(since_ms)} requested: {count} event(s) held"
                " from then on will be delivered again by the running relay within a second"
                " (or at its next start)")
+
+
+@main.command()
+@config_option
+@click.option("--user", "user_id", required=True, help="The provider's user id.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be erased.")
+def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
+    """Erase one user's events (sender or recipient) from the journal and the file sinks.
+
+    The relay must be stopped (the journal is rewritten). Kafka topics and webhook
+    receivers hold their own copies: erase there too.
+    """
+    from relay.sinks.file import FileSinkConfig, erase_user_from_files
+
+    config = _load(config_file, require_components=False)
+
+    async def apply() -> dict[str, int]:
+        journal = SqliteJournal.open(config.journal.path)
+        try:
+            counts = await journal.erase_user(user_id, dry_run=dry_run)
+        finally:
+            await journal.close()
+        for name, sink in config.sinks.items():
+            if isinstance(sink, FileSinkConfig) and not dry_run:
+                counts[f"file sink {name}"] = await anyio.to_thread.run_sync(
+                    erase_user_from_files, Path(sink.path), user_id)
+        return counts
+
+    try:
+        counts = anyio.run(apply)
+    except JournalLockedError:
+        fail("the relay is running on this journal: stop it, then erase", 2)
+    except JournalError as exc:
+        fail(str(exc), 1)
+    verb = "would erase" if dry_run else "erased"
+    for where, count in counts.items():
+        click.echo(f"{verb} {count} record(s) from {where}")
+    others = [n for n, s in config.sinks.items() if not isinstance(s, FileSinkConfig)]
+    if others:
+        click.echo(f"not erased here (erase downstream): {', '.join(others)}")
 
 
 # -- emulators ---------------------------------------------------------------

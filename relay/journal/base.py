@@ -202,6 +202,9 @@ class Journal(Protocol):
     async def take_control(self, sink: str) -> list[tuple[str, str]]:
         """The sink's pending requests, removed as they are taken."""
 
+    async def erase_user(self, user_id: str, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove one user's events (as sender or recipient) everywhere the journal keeps data."""
+
     async def count_since(self, since_ms: int) -> int:
         """Events fetched at or after ``since_ms``."""
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import orjson
 
 from relay.journal.base import (
     CommitResult,
@@ -582,6 +583,38 @@ class SqliteJournal:
             return cur.rowcount
 
         return await self._write(apply)
+
+    # -- personal data -----------------------------------------------------
+
+    async def erase_user(self, user_id: str, *, dry_run: bool = False) -> dict[str, int]:
+        """Delete every event, dead letter and quarantined record of one user."""
+        token = orjson.dumps(user_id).decode()  # how the id appears inside raw JSON
+        where_event = ("(json_extract(CAST(payload AS TEXT), '$.sender') = ?"
+                       " OR json_extract(CAST(payload AS TEXT), '$.recipient') = ?)")
+
+        def apply(conn: sqlite3.Connection) -> dict[str, int]:
+            counts = {}
+            conn.execute("PRAGMA secure_delete=ON")  # erased chat content is overwritten
+            for table in ("events", "dead_letters"):
+                verb = "SELECT count(*)" if dry_run else "DELETE"
+                cur = conn.execute(f"{verb} FROM {table} WHERE {where_event}",
+                                   (user_id, user_id))
+                counts[table] = cur.fetchone()[0] if dry_run else cur.rowcount
+            verb = "SELECT count(*)" if dry_run else "DELETE"
+            cur = conn.execute(f"{verb} FROM quarantine WHERE instr(CAST(raw AS TEXT), ?) > 0",
+                               (token,))
+            counts["quarantine"] = cur.fetchone()[0] if dry_run else cur.rowcount
+            return counts
+
+        counts = await self._write(apply)
+        if not dry_run:
+            # Freed pages still hold the bytes until reused: give them back and scrub.
+            def vacuum(conn: sqlite3.Connection) -> None:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                conn.execute("VACUUM")
+
+            await self._w().run(vacuum)
+        return counts
 
     # -- control requests --------------------------------------------------
 

@@ -17,10 +17,11 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import anyio
 import anyio.to_thread
+import orjson
 from pydantic import Field
 
 from relay.config_base import ByteSize, Duration
@@ -70,6 +71,51 @@ def repair_torn_tail(path: Path) -> int:
         f.flush()
         os.fsync(f.fileno())
         return size - cut_at
+
+
+def erase_user_from_files(path: Path, user_id: str) -> int:
+    """Rewrite the sink's file and its rotated siblings without one user's events.
+
+    Each file is rewritten to a temporary file and renamed over the original,
+    so a crash leaves either the old or the new file. Returns events removed.
+    """
+    removed = 0
+    pattern = f"{path.stem}-*{path.suffix}"
+    candidates = [path, *sorted(path.parent.glob(pattern)),
+                  *sorted(path.parent.glob(pattern + ".gz"))]
+    for file in candidates:
+        if not file.exists():
+            continue
+        packed = file.name.endswith(".gz")
+        opener: Any = gzip.open if packed else open
+        kept: list[bytes] = []
+        dropped = 0
+        with opener(file, "rb") as src:
+            for line in src:
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    kept.append(line)
+                    continue
+                if event.get("sender") == user_id or event.get("recipient") == user_id:
+                    dropped += 1
+                else:
+                    kept.append(line)
+        if not dropped:
+            continue
+        tmp = file.with_name(f".{file.name}.erasing")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as raw:
+            if packed:
+                with gzip.GzipFile(fileobj=raw, mode="wb") as dst:
+                    dst.writelines(kept)
+            else:
+                raw.writelines(kept)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, file)
+        removed += dropped
+    return removed
 
 
 class FileSink:

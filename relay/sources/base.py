@@ -11,7 +11,7 @@ nothing is acknowledged, nothing is dropped.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from relay import metrics
 from relay.journal import (
     CommitResult,
     Journal,
+    JournalError,
     JournalFullError,
     NewEvent,
     QuarantinedRecord,
@@ -106,11 +107,18 @@ class SourceRuntime:
                     events, cursors=cursors, quarantine=quarantine
                 )
                 break
-            except JournalFullError as exc:
-                metrics.JOURNAL_FULL.set(1)
+            except JournalError as exc:
+                # Whatever the cause (full disk, a lock held too long, an I/O error), the
+                # batch in hand is kept and retried: for consume-on-read providers it
+                # exists nowhere else.
+                full = isinstance(exc, JournalFullError)
+                if full:
+                    metrics.JOURNAL_FULL.set(1)
                 if not warned:
                     log.error(
                         "journal disk full: holding the fetched batch and retrying;"
+                        " the provider is not acknowledged" if full else
+                        "journal write failed: holding the fetched batch and retrying;"
                         " the provider is not acknowledged",
                         source=source,
                         endpoint=endpoint,
@@ -153,6 +161,34 @@ def quarantine_record(source: str, endpoint: str, raw: Any, error: str) -> Quara
         except TypeError:
             data = repr(raw).encode()
     return QuarantinedRecord(source=source, endpoint=endpoint, error=error[:500], raw=data)
+
+
+def normalize_batch(
+    source: str, endpoint: str, records: Sequence[Any], normalize: Callable[[Any], dict[str, Any]]
+) -> tuple[list[NewEvent], list[QuarantinedRecord]]:
+    """Every record either becomes an event or is quarantined with its error: none vanish."""
+    events: list[NewEvent] = []
+    quarantine: list[QuarantinedRecord] = []
+    for record in records:
+        try:
+            event = normalize(record)
+        except (TypeError, ValueError) as exc:  # the parsers' BadRecord is a ValueError
+            quarantine.append(quarantine_record(source, endpoint, record, str(exc)))
+            continue
+        events.append(NewEvent.from_event(event))
+    if quarantine:
+        log.warning("provider records quarantined", source=source, endpoint=endpoint,
+                    count=len(quarantine), first_error=quarantine[0].error)
+    return events, quarantine
+
+
+async def malformed_answer(runtime: SourceRuntime, source: str, endpoint: str, raw: bytes,
+                           error: str, errors: LoopErrors) -> None:
+    """An answer that is not what the provider documents: count it, keep it raw, back off."""
+    metrics.SOURCE_REQUESTS.labels(source, endpoint, "malformed").inc()
+    await runtime.commit(source, endpoint, [],
+                         quarantine=[quarantine_record(source, endpoint, raw, error)])
+    await runtime.sleep(errors.transient(error))
 
 
 def observe_batch(source: str, endpoint: str, events: Sequence[NewEvent], fetched_at: int) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from functools import partial
 from typing import Any, Literal
 
 import orjson
@@ -25,7 +26,6 @@ from pydantic import Field, SecretStr, field_validator
 
 from relay import metrics
 from relay.config_base import Duration, parse_point_in_time
-from relay.journal import NewEvent, QuarantinedRecord
 from relay.logs import get_logger
 from relay.sources import http
 from relay.sources.base import (
@@ -33,9 +33,10 @@ from relay.sources.base import (
     LoopErrors,
     SourceHealth,
     SourceRuntime,
+    malformed_answer,
+    normalize_batch,
     now_ms,
     observe_batch,
-    quarantine_record,
 )
 from relay.sources.http import Answer, HttpSourceConfig, ProviderClient
 from relay.sources.leancloud_records import BadRecord, cursor_of, normalize, parse_answer
@@ -159,10 +160,8 @@ class LeanCloudSource:
                 try:
                     records = parse_answer(answer.body)
                 except BadRecord as exc:
-                    metrics.SOURCE_REQUESTS.labels(*labels, "malformed").inc()
-                    await runtime.commit(self.name, ENDPOINT, [], quarantine=[
-                        quarantine_record(self.name, ENDPOINT, answer.raw, str(exc))])
-                    await runtime.sleep(errors.transient(str(exc)))
+                    await malformed_answer(runtime, self.name, ENDPOINT, answer.raw, str(exc),
+                                           errors)
                     continue
                 metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
                 errors.ok()
@@ -177,7 +176,9 @@ class LeanCloudSource:
                     continue
                 # The server's order decides what "after" means: continue from its last record.
                 new_cursor = positions[-1]
-                events, quarantine = self._normalize(records, fetched_at)
+                events, quarantine = normalize_batch(
+                    self.name, ENDPOINT, records,
+                    partial(normalize, source=self.name, fetched_at=fetched_at))
                 result = await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
                                               cursors={self.cursor_key:
                                                        orjson.dumps(new_cursor).decode()})
@@ -214,23 +215,6 @@ class LeanCloudSource:
             metrics.SOURCE_REQUESTS.labels(*labels, "transient_error").inc()
             return errors.transient(f"HTTP {answer.status} {_error_text(answer.body)}")
         return None
-
-    def _normalize(
-        self, records: list[Any], fetched_at: int
-    ) -> tuple[list[NewEvent], list[QuarantinedRecord]]:
-        events: list[NewEvent] = []
-        quarantine: list[QuarantinedRecord] = []
-        for record in records:
-            try:
-                event = normalize(record, source=self.name, fetched_at=fetched_at)
-            except (BadRecord, TypeError, ValueError) as exc:
-                quarantine.append(quarantine_record(self.name, ENDPOINT, record, str(exc)))
-                continue
-            events.append(NewEvent.from_event(event))
-        if quarantine:
-            log.warning("provider records quarantined", source=self.name, endpoint=ENDPOINT,
-                        count=len(quarantine), first_error=quarantine[0].error)
-        return events, quarantine
 
     async def check(self) -> list[CheckResult]:
         """One read of a single history record: consumes nothing (one request of quota)."""

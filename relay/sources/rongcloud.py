@@ -24,6 +24,7 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import anyio
@@ -39,6 +40,7 @@ from relay.sources.base import (
     CheckResult,
     SourceHealth,
     SourceRuntime,
+    normalize_batch,
     now_ms,
     observe_batch,
     quarantine_record,
@@ -354,25 +356,14 @@ class RongCloudSource:
     def _normalize(
         self, body: Any, endpoint: str, fetched_at: int
     ) -> tuple[list[NewEvent], list[QuarantinedRecord]]:
-        quarantine: list[QuarantinedRecord] = []
         try:
             records, bad = parse_items(body)
         except BadRecord as exc:
             return [], [quarantine_record(self.name, endpoint, body, str(exc))]
-        for raw, error in bad:
-            quarantine.append(quarantine_record(self.name, endpoint, raw, error))
-        events: list[NewEvent] = []
-        for record in records:
-            try:
-                event = normalize(record, source=self.name, endpoint=endpoint,
-                                  fetched_at=fetched_at)
-            except (BadRecord, TypeError, ValueError) as exc:
-                quarantine.append(quarantine_record(self.name, endpoint, record, str(exc)))
-                continue
-            events.append(NewEvent.from_event(event))
-        if quarantine:
-            log.warning("provider records quarantined", source=self.name, endpoint=endpoint,
-                        count=len(quarantine), first_error=quarantine[0].error)
+        events, quarantine = normalize_batch(
+            self.name, endpoint, records,
+            partial(normalize, source=self.name, endpoint=endpoint, fetched_at=fetched_at))
+        quarantine += [quarantine_record(self.name, endpoint, raw, error) for raw, error in bad]
         return events, quarantine
 
     # -- relay check -------------------------------------------------------

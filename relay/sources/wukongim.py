@@ -16,14 +16,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from relay import metrics
-from relay.event import Kind
-from relay.journal import NewEvent, QuarantinedRecord
 from relay.logs import get_logger
 from relay.sources import http
 from relay.sources.base import (
@@ -31,9 +30,10 @@ from relay.sources.base import (
     LoopErrors,
     SourceHealth,
     SourceRuntime,
+    malformed_answer,
+    normalize_batch,
     now_ms,
     observe_batch,
-    quarantine_record,
 )
 from relay.sources.http import Answer, HttpSourceConfig, ProviderClient
 from relay.sources.wukongim_records import (
@@ -128,23 +128,6 @@ class WuKongIMSource:
             await self._client.aclose()
             self._client = None
 
-    def _normalize(
-        self, records: list[Any], endpoint: str, kind: Kind, fetched_at: int
-    ) -> tuple[list[NewEvent], list[QuarantinedRecord]]:
-        events: list[NewEvent] = []
-        quarantine: list[QuarantinedRecord] = []
-        for record in records:
-            try:
-                event = normalize(record, source=self.name, kind=kind, fetched_at=fetched_at)
-            except (BadRecord, TypeError, ValueError) as exc:
-                quarantine.append(quarantine_record(self.name, endpoint, record, str(exc)))
-                continue
-            events.append(NewEvent.from_event(event))
-        if quarantine:
-            log.warning("provider records quarantined", source=self.name, endpoint=endpoint,
-                        count=len(quarantine), first_error=quarantine[0].error)
-        return events, quarantine
-
     def _errors(self, runtime: SourceRuntime, endpoint: str, what: str) -> LoopErrors:
         health = runtime.health.setdefault(f"{self.name}/{what}", SourceHealth())
         health.polling = True
@@ -173,17 +156,17 @@ class WuKongIMSource:
                 records = parse_sync_answer(answer.body)
             except BadRecord as exc:
                 # Nothing is acknowledged: the server will send the same batch again.
-                metrics.SOURCE_REQUESTS.labels(*labels, "malformed").inc()
-                await runtime.commit(self.name, endpoint, [], quarantine=[
-                    quarantine_record(self.name, endpoint, answer.raw, str(exc))])
-                await runtime.sleep(errors.transient(str(exc)))
+                await malformed_answer(runtime, self.name, endpoint, answer.raw, str(exc),
+                                       errors)
                 continue
             metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
             errors.ok()
             if not records:
                 await runtime.sleep(self.config.idle_interval)
                 continue
-            events, quarantine = self._normalize(records, endpoint, "command", fetched_at)
+            events, quarantine = normalize_batch(
+                self.name, endpoint, records,
+                partial(normalize, source=self.name, kind="command", fetched_at=fetched_at))
             result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
                                           cursors={f"{self.name}:sync:{uid}:last_ms":
                                                    str(fetched_at)})
@@ -238,10 +221,8 @@ class WuKongIMSource:
             try:
                 records, more = parse_channel_answer(answer.body)
             except BadRecord as exc:
-                metrics.SOURCE_REQUESTS.labels(*labels, "malformed").inc()
-                await runtime.commit(self.name, endpoint, [], quarantine=[
-                    quarantine_record(self.name, endpoint, answer.raw, str(exc))])
-                await runtime.sleep(errors.transient(str(exc)))
+                await malformed_answer(runtime, self.name, endpoint, answer.raw, str(exc),
+                                       errors)
                 continue
             metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
             errors.ok()
@@ -253,7 +234,9 @@ class WuKongIMSource:
                 continue
             fresh.sort(key=lambda r: message_seq(r) or 0)
             last = self._report_gaps(what, last, fresh)
-            events, quarantine = self._normalize(fresh, endpoint, "message", fetched_at)
+            events, quarantine = normalize_batch(
+                self.name, endpoint, fresh,
+                partial(normalize, source=self.name, kind="message", fetched_at=fetched_at))
             result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
                                           cursors={cursor_key: str(last)})
             if result is None:
