@@ -22,8 +22,11 @@ def all_lines(folder: Path) -> list[dict[str, object]]:
     events = []
     for file in folder.glob("events*"):
         opener = gzip.open if file.name.endswith(".gz") else open
-        with opener(file, "rb") as f:
-            events += [orjson.loads(line) for line in f]
+        try:
+            with opener(file, "rb") as f:
+                events += [orjson.loads(line) for line in f if line.endswith(b"\n")]
+        except (FileNotFoundError, EOFError):  # rotated (or being gzipped) meanwhile
+            continue
     return events
 
 

@@ -202,3 +202,56 @@ async def run_forever(server: EmulatorServer, on_start: Callable[[], None] | Non
     finally:
         with contextlib.suppress(Exception):
             await server.stop()
+
+
+async def paced(rate: float, emit: Callable[[int], object], interval: float = 0.05) -> None:
+    """Call ``emit(n)`` so that ``rate`` units per second are produced, until cancelled."""
+    carry = 0.0
+    while True:
+        carry += rate * interval
+        whole = int(carry)
+        if whole:
+            carry -= whole
+            emit(whole)
+        await asyncio.sleep(interval)
+
+
+class EmulatorBase:
+    """What every emulator shares: its server, its traffic task, the common admin routes."""
+
+    faults: Faults
+    server: EmulatorServer | None = None
+    _traffic: asyncio.Task[None] | None = None
+
+    def app(self) -> web.Application:
+        raise NotImplementedError
+
+    def make_server(self, host: str = "127.0.0.1",
+                    ports: list[int] | None = None) -> EmulatorServer:
+        self.server = EmulatorServer(self.app(), host, ports)
+        return self.server
+
+    def _replace_traffic(self, loop: Coroutine[Any, Any, None] | None) -> None:
+        """Stop the running traffic generator and start ``loop`` instead. Call on the loop."""
+        if self._traffic is not None:
+            self._traffic.cancel()
+            self._traffic = None
+        if loop is not None:
+            self._traffic = asyncio.get_running_loop().create_task(loop)
+
+    async def _admin_faults(self, request: web.Request) -> web.Response:
+        try:
+            self.faults.update(await request.json())
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(self.faults.as_dict())
+
+    async def _admin_refuse(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        assert self.server is not None
+        await self.server.refuse(int(body.get("index", 0)), body.get("seconds"))
+        return web.json_response({"refusing": body.get("index", 0)})
+
+    def add_common_admin_routes(self, app: web.Application) -> None:
+        app.router.add_post("/_emulator/faults", self._admin_faults)
+        app.router.add_post("/_emulator/refuse", self._admin_refuse)

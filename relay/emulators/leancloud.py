@@ -38,7 +38,6 @@ Admin API (no auth, loopback): ``GET /_emulator/stats``, ``GET /_emulator/served
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import bisect
 import hashlib
@@ -55,7 +54,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.emulators.harness import EmulatorServer, FaultPlan, Faults, truncated_json
+from relay.emulators.harness import EmulatorBase, FaultPlan, Faults, paced, truncated_json
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -102,7 +101,7 @@ class LeanCloudStats:
     generated: int = 0
 
 
-class LeanCloudEmulator:
+class LeanCloudEmulator(EmulatorBase):
     def __init__(
         self,
         app_id: str = "demo-app-id",
@@ -138,8 +137,6 @@ class LeanCloudEmulator:
         self._convs = [f"{self.rng.getrandbits(96):024x}" for _ in range(6)]
         self._rooms = [f"{self.rng.getrandbits(96):024x}" for _ in range(2)]
         self._lock = threading.Lock()
-        self._traffic: asyncio.Task[None] | None = None
-        self.server: EmulatorServer | None = None
 
     # -- traffic -----------------------------------------------------------
 
@@ -228,24 +225,9 @@ class LeanCloudEmulator:
             self._store(record, time.time())
         return record
 
-    async def _traffic_loop(self, rate: float) -> None:
-        interval = 0.05
-        carry = 0.0
-        while True:
-            carry += rate * interval
-            whole = int(carry)
-            if whole:
-                carry -= whole
-                self.generate(whole)
-            await asyncio.sleep(interval)
-
     def set_traffic(self, rate: float) -> None:
         """Generate ``rate`` messages per second until changed (0 stops). Call on the loop."""
-        if self._traffic is not None:
-            self._traffic.cancel()
-            self._traffic = None
-        if rate > 0:
-            self._traffic = asyncio.get_running_loop().create_task(self._traffic_loop(rate))
+        self._replace_traffic(paced(rate, self.generate) if rate > 0 else None)
 
     def spend_quota(self, count: int) -> None:
         """The customer's own API calls: they spend the quota the relay shares."""
@@ -411,18 +393,7 @@ class LeanCloudEmulator:
                             delay=float(body.get("delay", 0)))
         return web.json_response({"generated": len(ids), "msg_ids": ids})
 
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        try:
-            self.faults.update(await request.json())
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(self.faults.as_dict())
 
-    async def _admin_refuse(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        assert self.server is not None
-        await self.server.refuse(int(body.get("index", 0)), body.get("seconds"))
-        return web.json_response({"refusing": body.get("index", 0)})
 
     async def _admin_traffic(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -453,18 +424,12 @@ class LeanCloudEmulator:
         app.router.add_get("/_emulator/stats", self._admin_stats)
         app.router.add_get("/_emulator/served", self._admin_served)
         app.router.add_post("/_emulator/generate", self._admin_generate)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
-        app.router.add_post("/_emulator/refuse", self._admin_refuse)
+        self.add_common_admin_routes(app)
         app.router.add_post("/_emulator/traffic", self._admin_traffic)
         app.router.add_post("/_emulator/rate_limit", self._admin_rate_limit)
         app.router.add_post("/_emulator/spend", self._admin_spend)
         return app
 
-    def make_server(
-        self, host: str = "127.0.0.1", ports: list[int] | None = None
-    ) -> EmulatorServer:
-        self.server = EmulatorServer(self.app(), host, ports)
-        return self.server
 
 
 # -- the history query ------------------------------------------------------

@@ -21,7 +21,6 @@ Admin API (no auth, loopback): ``GET /_emulator/stats``, ``GET /_emulator/served
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import itertools
@@ -35,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.emulators.harness import EmulatorServer, FaultPlan, Faults, truncated_json
+from relay.emulators.harness import EmulatorBase, FaultPlan, Faults, paced, truncated_json
 
 ENDPOINTS = ("person", "group", "chatroom")
 _UID_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
@@ -91,7 +90,7 @@ def message_key(record: dict[str, Any]) -> str:
     )
 
 
-class RongCloudEmulator:
+class RongCloudEmulator(EmulatorBase):
     def __init__(
         self,
         app_key: str = "demo-app-key",
@@ -125,8 +124,6 @@ class RongCloudEmulator:
         self._counter = itertools.count(1)
         self._run_id = "".join(self.rng.choice(_UID_ALPHABET) for _ in range(4))
         self._lock = threading.Lock()
-        self._traffic: asyncio.Task[None] | None = None
-        self.server: EmulatorServer | None = None
 
     # -- traffic -----------------------------------------------------------
 
@@ -202,24 +199,9 @@ class RongCloudEmulator:
             self.stats.generated += count
         return keys
 
-    async def _traffic_loop(self, rate: float) -> None:
-        interval = 0.05
-        carry = 0.0
-        while True:
-            carry += rate * interval
-            whole = int(carry)
-            if whole:
-                carry -= whole
-                self.generate(whole)
-            await asyncio.sleep(interval)
-
     def set_traffic(self, rate: float) -> None:
         """Generate ``rate`` messages per second until changed (0 stops). Call on the loop."""
-        if self._traffic is not None:
-            self._traffic.cancel()
-            self._traffic = None
-        if rate > 0:
-            self._traffic = asyncio.get_running_loop().create_task(self._traffic_loop(rate))
+        self._replace_traffic(paced(rate, self.generate) if rate > 0 else None)
 
     # -- the provider's side -------------------------------------------------
 
@@ -352,18 +334,7 @@ class RongCloudEmulator:
         keys = self.generate(int(body.get("count", 1)), body.get("endpoint"))
         return web.json_response({"generated": len(keys)})
 
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        try:
-            self.faults.update(await request.json())
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(self.faults.as_dict())
 
-    async def _admin_refuse(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        assert self.server is not None
-        await self.server.refuse(int(body.get("index", 0)), body.get("seconds"))
-        return web.json_response({"refusing": body.get("index", 0)})
 
     async def _admin_traffic(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -377,13 +348,7 @@ class RongCloudEmulator:
         app.router.add_get("/_emulator/stats", self._admin_stats)
         app.router.add_get("/_emulator/served", self._admin_served)
         app.router.add_post("/_emulator/generate", self._admin_generate)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
-        app.router.add_post("/_emulator/refuse", self._admin_refuse)
+        self.add_common_admin_routes(app)
         app.router.add_post("/_emulator/traffic", self._admin_traffic)
         return app
 
-    def make_server(
-        self, host: str = "127.0.0.1", ports: list[int] | None = None
-    ) -> EmulatorServer:
-        self.server = EmulatorServer(self.app(), host, ports)
-        return self.server

@@ -49,11 +49,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeGuard
 
 from aiohttp import web
 
-from relay.emulators.harness import EmulatorServer, FaultPlan, Faults, truncated_json
+from relay.emulators.harness import EmulatorBase, FaultPlan, Faults, paced, truncated_json
 
 CMD_SUFFIX = "____cmd"
 
@@ -129,7 +130,7 @@ class WuKongIMStats:
     restarts: int = 0
 
 
-class WuKongIMEmulator:
+class WuKongIMEmulator(EmulatorBase):
     def __init__(
         self,
         token: str | None = None,
@@ -161,8 +162,6 @@ class WuKongIMEmulator:
         self._ids = itertools.count((int(time.time() * 1000) - 1_600_000_000_000) << 12)
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
-        self._traffic: asyncio.Task[None] | None = None
-        self.server: EmulatorServer | None = None
 
     # -- traffic -----------------------------------------------------------
 
@@ -262,34 +261,23 @@ class WuKongIMEmulator:
         return skipped
 
     async def _traffic_loop(self, rate: float, channel_rate: float) -> None:
-        interval = 0.05
-        carry = {uid: 0.0 for uid in self.uids}
-        channel_carry = {key: 0.0 for key in self.channel_keys}
-        while True:
-            for uid in carry:
-                carry[uid] += rate * interval
-                whole = int(carry[uid])
-                if whole:
-                    carry[uid] -= whole
-                    self.generate(whole, uid)
-            for key in channel_carry:
-                channel_carry[key] += channel_rate * interval
-                whole = int(channel_carry[key])
-                if whole:
-                    channel_carry[key] -= whole
-                    self.generate_channel(whole, *key)
-            await asyncio.sleep(interval)
+        async with asyncio.TaskGroup() as tg:
+            for uid in self.uids:
+                if rate > 0:
+                    tg.create_task(paced(rate, partial(self.generate, uid=uid)))
+            for channel_id, channel_type in self.channel_keys:
+                if channel_rate > 0:
+                    tg.create_task(paced(channel_rate, partial(
+                        self.generate_channel, channel_id=channel_id,
+                        channel_type=channel_type)))
 
     def set_traffic(self, rate: float, channel_rate: float | None = None) -> None:
         """Per second: ``rate`` command messages per uid, ``channel_rate`` (default ``rate``)
         history messages per channel, until changed (0 stops). Call on the loop."""
-        if self._traffic is not None:
-            self._traffic.cancel()
-            self._traffic = None
         per_channel = rate if channel_rate is None else channel_rate
-        if rate > 0 or per_channel > 0:
-            self._traffic = asyncio.get_running_loop().create_task(
-                self._traffic_loop(max(rate, 0.0), max(per_channel, 0.0)))
+        active = rate > 0 or per_channel > 0
+        self._replace_traffic(
+            self._traffic_loop(max(rate, 0.0), max(per_channel, 0.0)) if active else None)
 
     def restart(self) -> None:
         """What a server restart does to the sync protocol: acks in progress are forgotten."""
@@ -541,18 +529,7 @@ class WuKongIMEmulator:
                                 int(body.get("skip", 1)))
         return web.json_response({"skipped": skipped})
 
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        try:
-            self.faults.update(await request.json())
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(self.faults.as_dict())
 
-    async def _admin_refuse(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        assert self.server is not None
-        await self.server.refuse(int(body.get("index", 0)), body.get("seconds"))
-        return web.json_response({"refusing": body.get("index", 0)})
 
     async def _admin_traffic(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -576,17 +553,11 @@ class WuKongIMEmulator:
         app.router.add_get("/_emulator/acked", self._admin_acked)
         app.router.add_post("/_emulator/generate", self._admin_generate)
         app.router.add_post("/_emulator/gap", self._admin_gap)
-        app.router.add_post("/_emulator/faults", self._admin_faults)
-        app.router.add_post("/_emulator/refuse", self._admin_refuse)
+        self.add_common_admin_routes(app)
         app.router.add_post("/_emulator/traffic", self._admin_traffic)
         app.router.add_post("/_emulator/restart", self._admin_restart)
         return app
 
-    def make_server(
-        self, host: str = "127.0.0.1", ports: list[int] | None = None
-    ) -> EmulatorServer:
-        self.server = EmulatorServer(self.app(), host, ports)
-        return self.server
 
 
 def _encode(record: dict[str, Any]) -> str:
