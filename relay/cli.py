@@ -12,10 +12,10 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -27,6 +27,8 @@ from relay.config_base import parse_point_in_time
 from relay.event import json_schema
 from relay.journal import JournalError, JournalLockedError, JournalStats, SqliteJournal
 from relay.logs import configure_logging, register_secrets
+
+_T = TypeVar("_T")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -194,6 +196,19 @@ def _admin_journal(view: AdminView) -> SqliteJournal:
         fail(str(exc), 1)
 
 
+def _with_journal(view: AdminView, action: Callable[[SqliteJournal], Awaitable[_T]]) -> _T:
+    """Run ``action`` on the journal opened beside a possibly running relay."""
+
+    async def run() -> _T:
+        journal = _admin_journal(view)
+        try:
+            return await action(journal)
+        finally:
+            await journal.close()
+
+    return anyio.run(run)
+
+
 def _known_sink(view: AdminView, sink: str | None) -> None:
     if sink is not None and sink not in view.sinks:
         fail(f"no sink named {sink!r} in the configuration (sinks: "
@@ -215,14 +230,7 @@ def dlq_list(config_file: str | None, sink: str | None, limit: int, as_json: boo
     view = _admin_view(config_file)
     _known_sink(view, sink)
 
-    async def query() -> list[Any]:
-        journal = _admin_journal(view)
-        try:
-            return await journal.dead_letters(sink, limit)
-        finally:
-            await journal.close()
-
-    letters = anyio.run(query)
+    letters = _with_journal(view, lambda journal: journal.dead_letters(sink, limit))
     if as_json:
         click.echo(json.dumps([{"id": d.dlid, "sink": d.sink, "event_id": d.event_id,
                                 "error": d.error, "attempts": d.attempts,
@@ -246,14 +254,7 @@ def dlq_show(config_file: str | None, dlid: int) -> None:
     """One dead letter with its event."""
     view = _admin_view(config_file)
 
-    async def query() -> list[Any]:
-        journal = _admin_journal(view)
-        try:
-            return await journal.dead_letters(None, 1, dlid=dlid)
-        finally:
-            await journal.close()
-
-    letters = anyio.run(query)
+    letters = _with_journal(view, lambda journal: journal.dead_letters(None, 1, dlid=dlid))
     if not letters:
         fail(f"no dead letter {dlid}", 1)
     d = letters[0]
@@ -276,14 +277,8 @@ def dlq_replay(config_file: str | None, sink: str | None, dlids: tuple[int, ...]
     if not (sink or dlids or everything):
         fail("say what to replay: --sink NAME, --id N or --all")
 
-    async def apply() -> int:
-        journal = _admin_journal(view)
-        try:
-            return await journal.request_dead_letter_replay(sink, list(dlids))
-        finally:
-            await journal.close()
-
-    count = anyio.run(apply)
+    count = _with_journal(view, lambda journal: journal.request_dead_letter_replay(
+        sink, list(dlids)))
     click.echo(f"{count} dead letter(s) marked for replay; the running relay delivers them"
                " within seconds (or at its next start) and removes those delivered")
 
@@ -301,15 +296,9 @@ def dlq_purge(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
     if not (sink or dlids or everything):
         fail("say what to purge: --sink NAME, --id N or --all")
 
-    async def apply() -> int:
-        journal = _admin_journal(view)
-        try:
-            return await journal.remove_dead_letters(list(dlids), sink=sink,
-                                                     everything=everything)
-        finally:
-            await journal.close()
-
-    click.echo(f"{anyio.run(apply)} dead letter(s) purged")
+    count = _with_journal(view, lambda journal: journal.remove_dead_letters(
+        list(dlids), sink=sink, everything=everything))
+    click.echo(f"{count} dead letter(s) purged")
 
 
 @main.command()
@@ -326,15 +315,11 @@ def replay(config_file: str | None, sink: str, since: str) -> None:
     except ValueError as exc:
         fail(f"--since: {exc}")
 
-    async def apply() -> int:
-        journal = _admin_journal(view)
-        try:
-            await journal.request_control(sink, "replay", str(since_ms))
-            return await journal.count_since(since_ms)
-        finally:
-            await journal.close()
+    async def request(journal: SqliteJournal) -> int:
+        await journal.request_control(sink, "replay", str(since_ms))
+        return await journal.count_since(since_ms)
 
-    count = anyio.run(apply)
+    count = _with_journal(view, request)
     click.echo(f"replay of sink {sink} from {_iso(since_ms)} requested: {count} event(s) held"
                " from then on will be delivered again by the running relay within a second"
                " (or at its next start)")

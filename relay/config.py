@@ -121,7 +121,8 @@ class RelayConfig(BaseSettings):
 
 
 def _format_location(loc: tuple[int | str, ...]) -> str:
-    parts = [str(p) for p in loc]
+    # Names come from the file: never let one carry control characters into the message.
+    parts = [str(p) if str(p).isprintable() else repr(str(p)) for p in loc]
     # Discriminated unions add the tag ("rongcloud", "file") after the table name.
     tags = {"sources": SOURCES.keys(), "sinks": SINKS.keys()}
     if len(parts) >= 3 and parts[0] in tags and parts[2] in tags[parts[0]]:

@@ -13,7 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    SecretStr,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -71,6 +78,14 @@ def parse_point_in_time(value: str, now_ms: int) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def check_http_url(url: str) -> str:
+    """An http(s) URL without a trailing slash (paths are appended to it)."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("not an http(s) URL")
+    return url.rstrip("/")
+
+
+HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 

@@ -34,7 +34,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.config_base import Duration
+from relay.config_base import Duration, HttpUrl
 from relay.journal import StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import DeliveryResult, SinkConfig, SinkPausedError
@@ -50,7 +50,7 @@ SPLIT_STATUSES = frozenset({400, 413, 422})
 
 class WebhookSinkConfig(SinkConfig):
     type: Literal["webhook"]
-    url: str
+    url: HttpUrl
     secret: SecretStr
     batch_size: int = Field(default=100, ge=1, le=10_000)
     concurrency: int = Field(default=4, ge=1, le=64)
@@ -62,13 +62,6 @@ class WebhookSinkConfig(SinkConfig):
     breaker_open: Duration = 30.0
     verify_tls: bool = True
     headers: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("not an http(s) URL")
-        return url
 
     @field_validator("secret")
     @classmethod

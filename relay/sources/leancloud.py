@@ -25,7 +25,7 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from relay import metrics
-from relay.config_base import Duration, parse_point_in_time
+from relay.config_base import Duration, HttpUrl, parse_point_in_time
 from relay.logs import get_logger
 from relay.sources import http
 from relay.sources.base import (
@@ -49,7 +49,7 @@ ENDPOINT = "messages"
 
 class LeanCloudSourceConfig(HttpSourceConfig):
     type: Literal["leancloud"]
-    base_url: str
+    base_url: HttpUrl
     app_id: str = Field(min_length=1)
     master_key: SecretStr
     auth: Literal["sign", "key"] = "sign"
@@ -59,12 +59,6 @@ class LeanCloudSourceConfig(HttpSourceConfig):
     requests_per_minute: int = Field(default=120, ge=1, le=9000)
     throttle_backoff: Duration = 60.0
 
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("not an http(s) URL")
-        return url.rstrip("/")
 
     @field_validator("start")
     @classmethod

@@ -28,11 +28,11 @@ from functools import partial
 from typing import Any, Literal
 
 import anyio
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.config_base import Duration
+from relay.config_base import Duration, HttpUrl
 from relay.journal import NewEvent, QuarantinedRecord
 from relay.logs import get_logger
 from relay.sources import http
@@ -60,7 +60,7 @@ class RongCloudSourceConfig(HttpSourceConfig):
     type: Literal["rongcloud"]
     app_key: str = Field(min_length=1)
     app_secret: SecretStr
-    base_urls: list[str] = Field(
+    base_urls: list[HttpUrl] = Field(
         default_factory=lambda: ["https://api.rong-api.com", "https://api-b.rong-api.com"],
         min_length=1,
     )
@@ -72,13 +72,6 @@ class RongCloudSourceConfig(HttpSourceConfig):
     retention: Duration = 3 * 3600.0
     warn_age: Duration = 3600.0
 
-    @field_validator("base_urls")
-    @classmethod
-    def _urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"not an http(s) URL: {url!r}")
-        return [u.rstrip("/") for u in urls]
 
 
 class _Outcome:

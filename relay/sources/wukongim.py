@@ -20,9 +20,10 @@ from functools import partial
 from typing import Any, Literal
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from relay import metrics
+from relay.config_base import HttpUrl
 from relay.logs import get_logger
 from relay.sources import http
 from relay.sources.base import (
@@ -57,7 +58,7 @@ class ChannelSpec(BaseModel):
 
 class WuKongIMSourceConfig(HttpSourceConfig):
     type: Literal["wukongim"]
-    base_url: str
+    base_url: HttpUrl
     token: SecretStr | None = None
     uids: list[str] = Field(default_factory=list)
     channels: list[ChannelSpec] = Field(default_factory=list)
@@ -65,12 +66,6 @@ class WuKongIMSourceConfig(HttpSourceConfig):
     sync_limit: int = Field(default=500, ge=1, le=10_000)
     channel_limit: int = Field(default=500, ge=1, le=10_000)
 
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("not an http(s) URL")
-        return url.rstrip("/")
 
     @model_validator(mode="after")
     def _something_to_poll(self) -> WuKongIMSourceConfig:
