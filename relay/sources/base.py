@@ -264,3 +264,7 @@ class LoopErrors:
         getattr(log, level)("provider request failed; retrying", source=self.source,
                             loop=self.what, detail=detail, retry_in_seconds=round(delay, 2))
         return delay
+
+    def transient_delay(self) -> float:
+        """The next transient back-off, for callers that log the failure themselves."""
+        return self._transient.next()

@@ -31,13 +31,13 @@ import anyio
 from pydantic import Field, SecretStr
 
 from relay import metrics
-from relay.backoff import Backoff
 from relay.config_base import Duration, HttpUrl
 from relay.journal import NewEvent, QuarantinedRecord
 from relay.logs import get_logger
 from relay.sources import http
 from relay.sources.base import (
     CheckResult,
+    LoopErrors,
     SourceHealth,
     SourceRuntime,
     normalize_batch,
@@ -228,9 +228,10 @@ class RongCloudSource:
         )
         health = runtime.health[f"{self.name}/{endpoint}"]
         health.polling = True
+        errors = LoopErrors(self.name, endpoint, endpoint, health,
+                            transient=(c.transient_backoff, c.transient_backoff_max),
+                            config=(c.config_error_backoff, c.config_error_backoff_max))
         path = f"/rtmsg/{endpoint}/qrymsg.json"
-        transient = Backoff(c.transient_backoff, c.transient_backoff_max)
-        config_backoff = Backoff(c.config_error_backoff, c.config_error_backoff_max)
         connect_failures = 0
         read_failures = 0
         last_nonempty = False
@@ -254,12 +255,6 @@ class RongCloudSource:
 
             if answer.outcome == _Outcome.OK:
                 connect_failures = read_failures = 0
-                transient.reset()
-                config_backoff.reset()
-                if health.config_error:
-                    log.info("provider accepts the configuration again", source=self.name)
-                    health.config_error = None
-                    metrics.SOURCE_CONFIG_ERROR.labels(self.name).set(0)
                 events, quarantine = self._normalize(answer.body, endpoint, fetched_at)
                 cursors = None
                 mono = time.monotonic()
@@ -273,8 +268,7 @@ class RongCloudSource:
                     if result is None:
                         metrics.SOURCE_POSSIBLE_LOSS.labels(*labels).inc()
                         break
-                health.last_success = time.time()
-                metrics.SOURCE_LAST_SUCCESS.labels(*labels).set(health.last_success)
+                errors.ok()
                 if events:
                     age = observe_batch(self.name, endpoint, events, fetched_at)
                     if age > c.warn_age and time.monotonic() - last_age_warning > 60:
@@ -301,7 +295,7 @@ class RongCloudSource:
                             endpoint=endpoint, base_url=self.base_url, error=answer.detail)
                 self._failover("connection error", answer.url_index)
                 if connect_failures >= len(c.base_urls):
-                    await runtime.sleep(transient.next())
+                    await runtime.sleep(errors.transient_delay())
                 continue
             if answer.outcome in (_Outcome.TIMEOUT, _Outcome.TRANSIENT, _Outcome.MALFORMED):
                 read_failures += 1
@@ -317,25 +311,16 @@ class RongCloudSource:
                     read_failures = 0
                     self._failover(f"{c.failover_after} failed answers in a row",
                                    answer.url_index)
-                await runtime.sleep(transient.next())
+                await runtime.sleep(errors.transient_delay())
                 continue
             if answer.outcome == _Outcome.THROTTLED:
-                delay = answer.retry_after or max(c.budget_window, transient.next())
+                delay = answer.retry_after or max(c.budget_window, errors.transient_delay())
                 log.warning("provider reports throttling", source=self.name, endpoint=endpoint,
                             detail=answer.detail, wait_seconds=delay)
                 await runtime.sleep(delay)
                 continue
             # Configuration problem: alert and back off slowly, never spin.
-            health.config_error = answer.detail
-            metrics.SOURCE_CONFIG_ERROR.labels(self.name).set(1)
-            delay = config_backoff.next()
-            log.error(
-                "provider rejects the relay's configuration (check app_key / app_secret /"
-                " service enabled); retrying slowly",
-                source=self.name, endpoint=endpoint, detail=answer.detail,
-                retry_in_seconds=round(delay, 1),
-            )
-            await runtime.sleep(delay)
+            await runtime.sleep(errors.config_error(answer.detail))
         health.polling = False
 
     def _possible_loss(self, runtime: SourceRuntime, endpoint: str, answer: _Answer) -> None:
