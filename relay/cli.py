@@ -264,19 +264,35 @@ def dlq_show(config_file: str | None, dlid: int) -> None:
                            "event": json.loads(d.payload)}, indent=2, ensure_ascii=False))
 
 
-@dlq.command("replay")
-@config_option
-@click.option("--sink", help="Replay all of this sink's dead letters.")
-@click.option("--id", "dlids", type=int, multiple=True, help="A dead letter id (repeatable).")
-@click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
-def dlq_replay(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
-               everything: bool) -> None:
-    """Re-deliver dead letters through their sink (by the running relay, or at its next start)."""
+def _selection(verb: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options choosing which dead letters a command acts on (checked by _selected)."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        command = click.option("--all", "everything", is_flag=True,
+                               help=f"{verb} every dead letter.")(command)
+        command = click.option("--id", "dlids", type=int, multiple=True,
+                               help="A dead letter id (repeatable).")(command)
+        command = click.option("--sink", help=f"{verb} all of this sink's dead letters.")(command)
+        return config_option(command)
+
+    return decorate
+
+
+def _selected(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
+              everything: bool, verb: str) -> AdminView:
     view = _admin_view(config_file)
     _known_sink(view, sink)
     if not (sink or dlids or everything):
-        fail("say what to replay: --sink NAME, --id N or --all")
+        fail(f"say what to {verb}: --sink NAME, --id N or --all")
+    return view
 
+
+@dlq.command("replay")
+@_selection("Replay")
+def dlq_replay(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
+               everything: bool) -> None:
+    """Re-deliver dead letters through their sink (by the running relay, or at its next start)."""
+    view = _selected(config_file, sink, dlids, everything, "replay")
     count = _with_journal(view, lambda journal: journal.request_dead_letter_replay(
         sink, list(dlids)))
     click.echo(f"{count} dead letter(s) marked for replay; the running relay delivers them"
@@ -284,18 +300,11 @@ def dlq_replay(config_file: str | None, sink: str | None, dlids: tuple[int, ...]
 
 
 @dlq.command("purge")
-@config_option
-@click.option("--sink", help="Purge all of this sink's dead letters.")
-@click.option("--id", "dlids", type=int, multiple=True, help="A dead letter id (repeatable).")
-@click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
+@_selection("Purge")
 def dlq_purge(config_file: str | None, sink: str | None, dlids: tuple[int, ...],
               everything: bool) -> None:
     """Delete dead letters for good."""
-    view = _admin_view(config_file)
-    _known_sink(view, sink)
-    if not (sink or dlids or everything):
-        fail("say what to purge: --sink NAME, --id N or --all")
-
+    view = _selected(config_file, sink, dlids, everything, "purge")
     count = _with_journal(view, lambda journal: journal.remove_dead_letters(
         list(dlids), sink=sink, everything=everything))
     click.echo(f"{count} dead letter(s) purged")
