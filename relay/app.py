@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from relay import metrics
 from relay.config import RelayConfig
+from relay.http_server import OpsServer
 from relay.journal import Journal, SqliteJournal
 from relay.logs import get_logger
 from relay.sdnotify import Notifier
@@ -69,8 +70,6 @@ class Relay:
     # -- running -----------------------------------------------------------
 
     async def run(self, on_ready: Callable[[Relay], Awaitable[None] | None] | None = None) -> None:
-        from relay.http_server import OpsServer
-
         c = self.config
         journal = SqliteJournal.open(
             c.journal.path, retain_seconds=c.journal.retain, min_free_bytes=c.journal.min_free_bytes
