@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -377,7 +377,23 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
 # -- emulators ---------------------------------------------------------------
 
 
-def _serve_emulator(start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _serve_emulator(emulator: Any, host: str, ports: tuple[int, ...], banner: dict[str, Any],
+                    start_traffic: Callable[[], None]) -> None:
+    """Serve an emulator until SIGINT/SIGTERM; print one JSON line with its addresses first."""
+
+    async def serve() -> None:
+        server = emulator.make_server(host, list(ports))
+        await server.start()
+        start_traffic()
+        click.echo(json.dumps({**banner, "urls": server.urls,
+                               "admin": f"{server.urls[0]}/_emulator/stats"}))
+        sys.stdout.flush()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            emulator.set_traffic(0)
+            await server.stop()
+
     async def main_task() -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -385,7 +401,7 @@ def _serve_emulator(start: Callable[[], Coroutine[Any, Any, None]]) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
-            await start()
+            await serve()
 
     asyncio.run(main_task())
 
@@ -432,20 +448,8 @@ def emulate_rongcloud(host: str, ports: tuple[int, ...], app_key: str, app_secre
     if backlog:
         emulator.generate(backlog)
 
-    async def start() -> None:
-        server = emulator.make_server(host, list(ports))
-        await server.start()
-        emulator.set_traffic(rate)
-        click.echo(json.dumps({"emulator": "rongcloud", "urls": server.urls, "app_key": app_key,
-                               "admin": f"{server.urls[0]}/_emulator/stats"}), err=False)
-        sys.stdout.flush()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            emulator.set_traffic(0)
-            await server.stop()
-
-    _serve_emulator(start)
+    _serve_emulator(emulator, host, ports, {"emulator": "rongcloud", "app_key": app_key},
+                    lambda: emulator.set_traffic(rate))
 
 
 @emulate.command("wukongim")
@@ -494,22 +498,11 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
         for channel_id, channel_type in parsed:
             emulator.generate_channel(backlog, channel_id, channel_type)
 
-    async def start() -> None:
-        server = emulator.make_server(host, list(ports))
-        await server.start()
-        emulator.set_traffic(rate, channel_rate)
-        click.echo(json.dumps({"emulator": "wukongim", "urls": server.urls, "uids": list(uids),
-                               "channels": [{"id": c, "type": t} for c, t in parsed],
-                               "token_required": token is not None,
-                               "admin": f"{server.urls[0]}/_emulator/stats"}))
-        sys.stdout.flush()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            emulator.set_traffic(0)
-            await server.stop()
-
-    _serve_emulator(start)
+    _serve_emulator(emulator, host, ports, {
+        "emulator": "wukongim", "uids": list(uids),
+        "channels": [{"id": c, "type": t} for c, t in parsed],
+        "token_required": token is not None,
+    }, lambda: emulator.set_traffic(rate, channel_rate))
 
 
 @emulate.command("leancloud")
@@ -550,20 +543,8 @@ def emulate_leancloud(host: str, ports: tuple[int, ...], app_id: str, master_key
     if backlog:
         emulator.generate(backlog)
 
-    async def start() -> None:
-        server = emulator.make_server(host, list(ports))
-        await server.start()
-        emulator.set_traffic(rate)
-        click.echo(json.dumps({"emulator": "leancloud", "urls": server.urls, "app_id": app_id,
-                               "admin": f"{server.urls[0]}/_emulator/stats"}))
-        sys.stdout.flush()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            emulator.set_traffic(0)
-            await server.stop()
-
-    _serve_emulator(start)
+    _serve_emulator(emulator, host, ports, {"emulator": "leancloud", "app_id": app_id},
+                    lambda: emulator.set_traffic(rate))
 
 
 @main.command()
