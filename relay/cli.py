@@ -406,6 +406,19 @@ def _serve_emulator(emulator: Any, host: str, ports: tuple[int, ...], banner: di
     asyncio.run(main_task())
 
 
+def _fault_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Fault injection and the random seed, the same for every emulator."""
+    for option in reversed([
+        click.option("--error-ratio", type=float, default=0.0, show_default=True),
+        click.option("--malformed-ratio", type=float, default=0.0, show_default=True),
+        click.option("--slow-ratio", type=float, default=0.0, show_default=True),
+        click.option("--slow-seconds", type=float, default=0.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.group()
 def emulate() -> None:
     """Run a provider emulator on loopback (for trying the relay without credentials)."""
@@ -426,11 +439,7 @@ def emulate() -> None:
 @click.option("--rate", type=float, default=0.0, show_default=True, help="New messages/s.")
 @click.option("--backlog", type=int, default=0, show_default=True,
               help="Messages queued at start.")
-@click.option("--error-ratio", type=float, default=0.0, show_default=True)
-@click.option("--malformed-ratio", type=float, default=0.0, show_default=True)
-@click.option("--slow-ratio", type=float, default=0.0, show_default=True)
-@click.option("--slow-seconds", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@_fault_options
 def emulate_rongcloud(host: str, ports: tuple[int, ...], app_key: str, app_secret: str,
                       batch_size: int, budget: int, retention: float, redelivery: float,
                       rate: float, backlog: int, error_ratio: float, malformed_ratio: float,
@@ -467,11 +476,7 @@ def emulate_rongcloud(host: str, ports: tuple[int, ...], app_key: str, app_secre
               help="New history messages/s per channel (default: --rate).")
 @click.option("--backlog", type=int, default=0, show_default=True,
               help="Messages queued at start, per uid and per channel.")
-@click.option("--error-ratio", type=float, default=0.0, show_default=True)
-@click.option("--malformed-ratio", type=float, default=0.0, show_default=True)
-@click.option("--slow-ratio", type=float, default=0.0, show_default=True)
-@click.option("--slow-seconds", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@_fault_options
 def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
                      uids: tuple[str, ...], channels: tuple[str, ...], rate: float,
                      channel_rate: float | None, backlog: int, error_ratio: float,
@@ -521,11 +526,7 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
 @click.option("--rate", type=float, default=0.0, show_default=True, help="New messages/s.")
 @click.option("--backlog", type=int, default=0, show_default=True,
               help="Messages in history at start.")
-@click.option("--error-ratio", type=float, default=0.0, show_default=True)
-@click.option("--malformed-ratio", type=float, default=0.0, show_default=True)
-@click.option("--slow-ratio", type=float, default=0.0, show_default=True)
-@click.option("--slow-seconds", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@_fault_options
 def emulate_leancloud(host: str, ports: tuple[int, ...], app_id: str, master_key: str,
                       rate_limit: int, penalty_seconds: float, send_delay: float, rate: float,
                       backlog: int, error_ratio: float, malformed_ratio: float,

@@ -239,6 +239,20 @@ class EmulatorBase:
         if loop is not None:
             self._traffic = asyncio.get_running_loop().create_task(loop)
 
+    def snapshot(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def set_traffic(self, rate: float) -> None:
+        raise NotImplementedError
+
+    async def _admin_stats(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def _admin_traffic(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.set_traffic(float(body.get("rate", 0)))
+        return web.json_response({"rate": body.get("rate", 0)})
+
     async def _admin_faults(self, request: web.Request) -> web.Response:
         try:
             self.faults.update(await request.json())
@@ -253,5 +267,7 @@ class EmulatorBase:
         return web.json_response({"refusing": body.get("index", 0)})
 
     def add_common_admin_routes(self, app: web.Application) -> None:
+        app.router.add_get("/_emulator/stats", self._admin_stats)
+        app.router.add_post("/_emulator/traffic", self._admin_traffic)
         app.router.add_post("/_emulator/faults", self._admin_faults)
         app.router.add_post("/_emulator/refuse", self._admin_refuse)

@@ -374,9 +374,6 @@ class LeanCloudEmulator(EmulatorBase):
             stats["faults"] = self.faults.as_dict()
             return stats
 
-    async def _admin_stats(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.snapshot())
-
     async def _admin_served(self, request: web.Request) -> web.Response:
         start = int(request.query.get("from", "0"))
         with self._lock:
@@ -394,11 +391,6 @@ class LeanCloudEmulator(EmulatorBase):
         return web.json_response({"generated": len(ids), "msg_ids": ids})
 
 
-
-    async def _admin_traffic(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.set_traffic(float(body.get("rate", 0)))
-        return web.json_response({"rate": body.get("rate", 0)})
 
     async def _admin_rate_limit(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -421,11 +413,9 @@ class LeanCloudEmulator(EmulatorBase):
         app.router.add_get("/1.2/rtm/messages", self.handle_history)
         app.router.add_post("/1.2/rtm/{kind:conversations|chatrooms}/{conv_id}/messages",
                             self.handle_send)
-        app.router.add_get("/_emulator/stats", self._admin_stats)
         app.router.add_get("/_emulator/served", self._admin_served)
         app.router.add_post("/_emulator/generate", self._admin_generate)
         self.add_common_admin_routes(app)
-        app.router.add_post("/_emulator/traffic", self._admin_traffic)
         app.router.add_post("/_emulator/rate_limit", self._admin_rate_limit)
         app.router.add_post("/_emulator/spend", self._admin_spend)
         return app

@@ -317,9 +317,6 @@ class RongCloudEmulator(EmulatorBase):
                 "faults": self.faults.as_dict(),
             }
 
-    async def _admin_stats(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.snapshot())
-
     async def _admin_served(self, request: web.Request) -> web.Response:
         start = int(request.query.get("from", "0"))
         with self._lock:
@@ -336,19 +333,12 @@ class RongCloudEmulator(EmulatorBase):
 
 
 
-    async def _admin_traffic(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.set_traffic(float(body.get("rate", 0)))
-        return web.json_response({"rate": body.get("rate", 0)})
-
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/rtmsg/{endpoint}/qrymsg.json", self.handle_qrymsg)
         app.router.add_post("/user/info.json", self.handle_user_info)
-        app.router.add_get("/_emulator/stats", self._admin_stats)
         app.router.add_get("/_emulator/served", self._admin_served)
         app.router.add_post("/_emulator/generate", self._admin_generate)
         self.add_common_admin_routes(app)
-        app.router.add_post("/_emulator/traffic", self._admin_traffic)
         return app
 

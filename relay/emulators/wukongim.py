@@ -496,9 +496,6 @@ class WuKongIMEmulator(EmulatorBase):
             stats["faults"] = self.faults.as_dict()
             return stats
 
-    async def _admin_stats(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.snapshot())
-
     async def _admin_served(self, request: web.Request) -> web.Response:
         start = int(request.query.get("from", "0"))
         with self._lock:
@@ -548,13 +545,11 @@ class WuKongIMEmulator(EmulatorBase):
         app.router.add_post("/message/syncack", self.handle_syncack)
         app.router.add_post("/channel/messagesync", self.handle_channel_sync)
         app.router.add_get("/health", self.handle_health)
-        app.router.add_get("/_emulator/stats", self._admin_stats)
         app.router.add_get("/_emulator/served", self._admin_served)
         app.router.add_get("/_emulator/acked", self._admin_acked)
         app.router.add_post("/_emulator/generate", self._admin_generate)
         app.router.add_post("/_emulator/gap", self._admin_gap)
         self.add_common_admin_routes(app)
-        app.router.add_post("/_emulator/traffic", self._admin_traffic)
         app.router.add_post("/_emulator/restart", self._admin_restart)
         return app
 

@@ -94,8 +94,14 @@ class WuKongIMSource:
             "POST", f"{self.config.base_url}{path}", json=body, headers=self._headers()
         )
 
-    def _classify(self, answer: Answer, errors: LoopErrors) -> float | None:
-        """None when the answer is a usable 200; else how long to wait before retrying."""
+    def _classify(self, answer: Answer, errors: LoopErrors, endpoint: str) -> float | None:
+        """None when the answer is a usable 200; else (counted) how long to wait to retry."""
+        delay = self._failure_delay(answer, errors)
+        if delay is not None:
+            metrics.SOURCE_REQUESTS.labels(self.name, endpoint, _outcome(answer)).inc()
+        return delay
+
+    def _failure_delay(self, answer: Answer, errors: LoopErrors) -> float | None:
         if answer.kind != http.RESPONSE:
             return errors.transient(f"{answer.kind}: {answer.detail}")
         if answer.status in (401, 403):
@@ -142,9 +148,8 @@ class WuKongIMSource:
             answer = await self._call("/message/sync",
                                       {"uid": uid, "limit": self.config.sync_limit})
             fetched_at = now_ms()
-            delay = self._classify(answer, errors)
+            delay = self._classify(answer, errors, endpoint)
             if delay is not None:
-                metrics.SOURCE_REQUESTS.labels(*labels, _outcome(answer)).inc()
                 await runtime.sleep(delay)
                 continue
             try:
@@ -180,11 +185,10 @@ class WuKongIMSource:
         """Acknowledge a committed batch; retried, since acking twice is harmless."""
         while True:
             answer = await self._call("/message/syncack", {"uid": uid, "last_message_seq": seq})
-            delay = self._classify(answer, errors)
+            delay = self._classify(answer, errors, "syncack")
             if delay is None:
                 metrics.SOURCE_REQUESTS.labels(self.name, "syncack", "ok").inc()
                 return
-            metrics.SOURCE_REQUESTS.labels(self.name, "syncack", _outcome(answer)).inc()
             if runtime.stopping.is_set():
                 # Unacknowledged: the batch comes back after the restart and is deduplicated.
                 return
@@ -208,9 +212,8 @@ class WuKongIMSource:
                 "end_message_seq": 0, "limit": limit, "pull_mode": 1,
             })
             fetched_at = now_ms()
-            delay = self._classify(answer, errors)
+            delay = self._classify(answer, errors, endpoint)
             if delay is not None:
-                metrics.SOURCE_REQUESTS.labels(*labels, _outcome(answer)).inc()
                 await runtime.sleep(delay)
                 continue
             try:
