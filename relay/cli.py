@@ -324,14 +324,21 @@ def replay(config_file: str | None, sink: str, since: str) -> None:
     except ValueError as exc:
         fail(f"--since: {exc}")
 
-    async def request(journal: SqliteJournal) -> int:
+    async def request(journal: SqliteJournal) -> tuple[int, int, int | None]:
+        cursor = await journal.sink_cursor(sink)
         await journal.request_control(sink, "replay", str(since_ms))
-        return await journal.count_since(since_ms)
+        again = await journal.count_since(since_ms, through_seq=cursor)
+        held = await journal.count_since(since_ms)
+        return again, held - again, (await journal.stats()).oldest_fetched_at
 
-    count = _with_journal(view, request)
-    click.echo(f"replay of sink {sink} from {_iso(since_ms)} requested: {count} event(s) held"
-               " from then on will be delivered again by the running relay within a second"
-               " (or at its next start)")
+    again, pending, oldest = _with_journal(view, request)
+    click.echo(f"replay of sink {sink} from {_iso(since_ms)} requested: {again} event(s) it has"
+               f" delivered will be delivered again, and {pending} not yet delivered follow, by"
+               " the running relay within a second (or at its next start); replay never skips"
+               " undelivered events")
+    if oldest is not None and oldest > since_ms:
+        click.echo(f"note: the journal holds events only from {_iso(oldest)} on (journal.retain);"
+                   " nothing older can be replayed", err=True)
 
 
 @main.command()
