@@ -49,10 +49,10 @@ public source) is modelled by :class:`ServerQuirks`, one switch each; ``ServerQu
 - A conversation is *written down* ``conversation_persist_seconds`` after its first
   message (the server writes new conversations to its store about once a minute),
   at an ack that took effect or at :meth:`persist_conversations`; a graceful restart
-  keeps it as it was (the server saves its cache to a file). Until then acks of it are ignored
-  (``new_conversation_acks_ignored``) and a kill -9 drops it (``kill_loses_unpersisted``):
-  its commands are not synced again until the next message arrives in that channel,
-  which starts the conversation afresh from seq 1.
+  keeps it as it was (the server saves its cache to a file). Until then acks of it
+  are ignored (``new_conversation_acks_ignored``) and a kill -9 drops it
+  (``kill_loses_unpersisted``): its commands are not synced again until the next
+  message arrives in that channel, which starts the conversation afresh from seq 1.
 - Switching ``seq_per_channel`` or ``real_channel_names`` after generating mixes two
   numberings; switch them before generating.
 
