@@ -483,15 +483,26 @@ def emulate_rongcloud(host: str, ports: tuple[int, ...], app_key: str, app_secre
               help="New history messages/s per channel (default: --rate).")
 @click.option("--backlog", type=int, default=0, show_default=True,
               help="Messages queued at start, per uid and per channel.")
+@click.option("--real-server", is_flag=True,
+              help="Behave as a real WuKongIM v2.2.5 server: every server quirk on.")
+@click.option("--quirk", "quirk_settings", multiple=True, metavar="NAME[=VALUE]",
+              help="Set one server quirk, e.g. limit_bug or conversation_persist_seconds=5 "
+                   "(repeat; applied after --real-server).")
 @_fault_options
 def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
                      uids: tuple[str, ...], channels: tuple[str, ...], rate: float,
-                     channel_rate: float | None, backlog: int, error_ratio: float,
+                     channel_rate: float | None, backlog: int, real_server: bool,
+                     quirk_settings: tuple[str, ...], error_ratio: float,
                      malformed_ratio: float, slow_ratio: float, slow_seconds: float,
                      seed: int | None) -> None:
     """WuKongIM server API (message/sync, message/syncack, channel/messagesync)."""
     from relay.emulators.harness import Faults
-    from relay.emulators.wukongim import WuKongIMEmulator
+    from relay.emulators.wukongim import ServerQuirks, WuKongIMEmulator
+
+    try:
+        quirks = ServerQuirks.from_options(real_server, quirk_settings)
+    except ValueError as exc:
+        fail(f"--quirk: {exc}")
 
     parsed: list[tuple[str, int]] = []
     for spec in channels:
@@ -500,7 +511,7 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
             fail(f"--channel {spec!r}: expected ID:TYPE, e.g. g1:2")
         parsed.append((name, int(kind)))
     emulator = WuKongIMEmulator(
-        token, uids=list(uids), channels=parsed, seed=seed,
+        token, uids=list(uids), channels=parsed, seed=seed, quirks=quirks,
         faults=Faults(error_ratio=error_ratio, malformed_ratio=malformed_ratio,
                       slow_ratio=slow_ratio, slow_seconds=slow_seconds),
     )
@@ -513,7 +524,7 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
     _serve_emulator(emulator, host, ports, {
         "emulator": "wukongim", "uids": list(uids),
         "channels": [{"id": c, "type": t} for c, t in parsed],
-        "token_required": token is not None,
+        "token_required": token is not None, "quirks": quirks.names_on(),
     }, lambda: emulator.set_traffic(rate, channel_rate))
 
 
