@@ -4,6 +4,7 @@ brought back on the same address with its data (tests/support/postgres.py)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -123,3 +124,15 @@ def test_missing_binaries_are_reported_with_the_fix(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RELAY_TEST_PG_BINDIR", str(tmp_path))
     with pytest.raises(PostgresToolMissingError, match="postgresql-15"):
         find_bindir()
+
+
+async def test_a_private_server_with_fsync_off(make_postgres_server: Callable[...,
+                                                                       PostgresServer],
+                                               postgres_server: PostgresServer) -> None:
+    private = make_postgres_server(fsync=False)
+    assert private.port != postgres_server.port
+    conn = await asyncpg.connect(private.dsn())
+    try:
+        assert await conn.fetchval("SHOW fsync") == "off"
+    finally:
+        await conn.close()
