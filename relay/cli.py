@@ -351,7 +351,7 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
     The relay must be stopped (the journal is rewritten). Kafka topics and webhook
     receivers hold their own copies: erase there too.
     """
-    from relay.sinks.file import FileSinkConfig, erase_user_from_files
+    from relay.sinks.file import FileEraseError, FileSinkConfig, erase_user_from_files
 
     config = _load(config_file, require_components=False)
 
@@ -371,7 +371,7 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
         counts = anyio.run(apply)
     except JournalLockedError:
         fail("the relay is running on this journal: stop it, then erase", 2)
-    except JournalError as exc:
+    except (JournalError, FileEraseError) as exc:
         fail(str(exc), 1)
     verb = "would erase" if dry_run else "erased"
     for where, count in counts.items():

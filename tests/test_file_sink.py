@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+import time
 from pathlib import Path
 
 import orjson
@@ -74,3 +75,72 @@ async def test_rotation_by_size_with_gzip(tmp_path: Path) -> None:
     lines += path.read_bytes().splitlines()
     assert len(lines) == 20
     assert len({orjson.loads(line)["id"] for line in lines}) == 20
+
+
+def lines_everywhere(folder: Path) -> list[bytes]:
+    lines: list[bytes] = []
+    for file in sorted(folder.glob("events*")):
+        data = gzip.decompress(file.read_bytes()) if file.name.endswith(".gz") \
+            else file.read_bytes()
+        lines += data.splitlines()
+    return lines
+
+
+async def test_a_crash_mid_compression_leaves_no_partial_archive(tmp_path: Path) -> None:
+    """The state kill -9 leaves while a rotated file is being gzipped: finished at start."""
+    path = tmp_path / "events.jsonl"
+    rotated = tmp_path / "events-20261201T000000000000Z.jsonl"
+    rotated.write_bytes(b"".join(stored(i).payload + b"\n" for i in range(1, 6)))
+    whole = gzip.compress(rotated.read_bytes())
+    (tmp_path / ".events-20261201T000000000000Z.jsonl.gz.partial").write_bytes(whole[:20])
+    sink = FileSink("f", FileSinkConfig(type="file", path=str(path), rotate_bytes=10_000,
+                                        gzip=True))
+    await sink.start()
+    await sink.deliver([stored(6)])
+    await sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "events-20261201T000000000000Z.jsonl.gz", "events.jsonl"]
+    ids = [orjson.loads(line)["id"] for line in lines_everywhere(tmp_path)]
+    assert ids == [f"rc:{i}" for i in range(1, 7)], "every line exactly once"
+
+
+async def test_a_cut_off_archive_beside_its_plain_copy_is_rebuilt(tmp_path: Path) -> None:
+    """What older versions left after a kill -9: a truncated .gz and the whole plain file."""
+    path = tmp_path / "events.jsonl"
+    rotated = tmp_path / "events-20261201T000000000000Z.jsonl"
+    rotated.write_bytes(b"".join(stored(i).payload + b"\n" for i in range(1, 6)))
+    (tmp_path / (rotated.name + ".gz")).write_bytes(gzip.compress(rotated.read_bytes())[:30])
+    sink = FileSink("f", FileSinkConfig(type="file", path=str(path), gzip=True))
+    await sink.start()
+    await sink.close()
+    ids = [orjson.loads(line)["id"] for line in lines_everywhere(tmp_path)]
+    assert ids == [f"rc:{i}" for i in range(1, 6)]
+    assert not rotated.exists()
+
+
+async def test_time_rotation_counts_from_the_first_event_not_the_last_restart(
+        tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    old = orjson.dumps({"id": "rc:0", "fetched_at": (time.time() - 3600) * 1000})
+    path.write_bytes(old + b"\n")
+    for seq in (1, 2):  # restarted more often than rotate_interval
+        sink = FileSink("f", FileSinkConfig(type="file", path=str(path),
+                                            rotate_interval="10m"))
+        await sink.start()
+        await sink.deliver([stored(seq)])
+        await sink.close()
+    rotated = sorted(tmp_path.glob("events-*.jsonl"))
+    assert len(rotated) == 1, "an hour-old file rotates although no process ran 10 minutes"
+    assert rotated[0].read_bytes() == old + b"\n"
+    assert len(path.read_bytes().splitlines()) == 2
+
+
+def test_erase_names_an_unreadable_archive_instead_of_aborting(tmp_path: Path) -> None:
+    from relay.sinks.file import FileEraseError, erase_user_from_files
+
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"")
+    (tmp_path / "events-20261201T000000000000Z.jsonl.gz").write_bytes(
+        gzip.compress(b'{"sender":"u1"}\n' * 100)[:25])
+    with pytest.raises(FileEraseError, match="cannot read it whole"):
+        erase_user_from_files(path, "u1")

@@ -168,11 +168,22 @@ def finish_interrupted_rotation(path: Path, gzipped: bool) -> list[Path]:
         partial.unlink()
     for plain in sorted(path.parent.glob(pattern)):
         packed = _packed_name(plain)
-        if packed.exists():
-            plain.unlink()  # the .gz is whole (it got its name last): the plain copy is spare
-        elif gzipped:
+        if packed.exists() and _gzip_is_whole(packed):
+            plain.unlink()  # the .gz got its name last, so it is whole: the plain copy is spare
+        elif packed.exists() or gzipped:
+            # A cut-off .gz (written in place by an older version): the plain copy is the truth.
             finished.append(compress_rotated(plain))
     return finished
+
+
+def _gzip_is_whole(packed: Path) -> bool:
+    try:
+        with gzip.open(packed, "rb") as f:
+            while f.read(1024 * 1024):
+                pass
+    except (OSError, EOFError):
+        return False
+    return True
 
 
 def fsync_dir(folder: Path) -> None:

@@ -18,6 +18,7 @@ retries one batch for ever.
 
 from __future__ import annotations
 
+import logging
 import re
 import ssl
 import time
@@ -150,6 +151,24 @@ def kafka_record(event: StoredEvent) -> tuple[bytes, list[tuple[str, bytes]], Ro
 MISSING_TOPIC_TTL = 30.0
 
 
+class _QuietLookups(logging.Filter):
+    """While a topic is being looked up, aiokafka logs an ERROR for it every 100 ms; the sink
+    reports the outcome itself, once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looking_up: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.looking_up or "not found in cluster metadata" not in record.msg:
+            return True
+        return not any(topic in record.getMessage() for topic in self.looking_up)
+
+
+_QUIET = _QuietLookups()
+logging.getLogger("aiokafka.cluster").addFilter(_QUIET)
+
+
 class KafkaSink:
     def __init__(self, name: str, config: KafkaSinkConfig) -> None:
         self.name = name
@@ -279,14 +298,18 @@ class KafkaSink:
 
         async def look_up(topic: str) -> None:
             # A broker that creates topics on first use shows them here within topic_wait.
-            with anyio.move_on_after(self.config.topic_wait):
-                try:
-                    await producer.partitions_for(topic)
-                    results[topic] = True
-                    return
-                except UnknownTopicOrPartitionError:
-                    pass
-            results[topic] = False
+            _QUIET.looking_up.add(topic)
+            try:
+                with anyio.move_on_after(self.config.topic_wait):
+                    try:
+                        await producer.partitions_for(topic)
+                        results[topic] = True
+                        return
+                    except UnknownTopicOrPartitionError:
+                        pass
+                results[topic] = False
+            finally:
+                _QUIET.looking_up.discard(topic)
 
         async with anyio.create_task_group() as tg:
             for topic in unsure:
@@ -302,6 +325,10 @@ class KafkaSink:
                           if self._templated else "Kafka topic does not exist: sink paused",
                           sink=self.name, topic=topic)
         self._known_topics |= topics - missing - unsure
+        if missing and self._known_topics:
+            # The look-up made the client track the missing topics; untracked, its metadata
+            # refreshes stop logging an error for them every few seconds.
+            producer.client.set_topics(sorted(self._known_topics))
         return missing
 
     async def _create(self, topics: set[str]) -> None:

@@ -36,6 +36,7 @@ class ScriptedRongCloud:
         e: deque() for e in ("person", "group", "chatroom")})
     extra_headers: deque[tuple[int, dict[str, str]]] = field(default_factory=deque)
     requests: list[tuple[float, str]] = field(default_factory=list)
+    close_connections: bool = False  # no keep-alive: every request needs a new connection
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def queue(self, endpoint: str, body: bytes) -> None:
@@ -59,7 +60,8 @@ class ScriptedRongCloud:
                                     content_type="application/json")
             queue = self.answers[endpoint]
             body = queue.popleft() if queue else b'{"code":200,"results":[],"size":0}'
-        return web.Response(body=body, content_type="application/json")
+        headers = {"Connection": "close"} if self.close_connections else {}
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)

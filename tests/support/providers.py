@@ -81,7 +81,7 @@ class WuKongIMAdapter:
     def source(self, urls: list[str], **overrides: Any) -> dict[str, Any]:
         return {"type": "wukongim", "base_url": urls[0], "token": "manager-token",
                 "uids": ["u1", "u2"], "channels": [{"id": "g1", "type": 2}],
-                "sync_limit": 100, "channel_limit": 100, "idle_interval": "200ms", **overrides}
+                "channel_limit": 100, "idle_interval": "200ms", **overrides}
 
     def generate(self, emulator: WuKongIMEmulator, count: int) -> set[str]:
         ids = {str(i) for i in emulator.generate(count - count // 3)}
@@ -144,4 +144,8 @@ class LeanCloudAdapter:
         return 0  # a history: nothing is consumed
 
 
-ADAPTERS: list[ProviderAdapter] = [RongCloudAdapter(), WuKongIMAdapter(), LeanCloudAdapter()]
+# The real server's behaviours all on (WUKONGIM-SERVER.md), with its one-minute "acks that do
+# nothing" window shortened so that acknowledgements are seen within a test's time.
+REAL_WUKONGIM = ServerQuirks.real().updated({"conversation_persist_seconds": 3.0})
+ADAPTERS: list[ProviderAdapter] = [RongCloudAdapter(), WuKongIMAdapter(REAL_WUKONGIM),
+                                   LeanCloudAdapter()]
