@@ -526,21 +526,41 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
 @click.option("--rate", type=float, default=0.0, show_default=True, help="New messages/s.")
 @click.option("--backlog", type=int, default=0, show_default=True,
               help="Messages in history at start.")
+@click.option("--history", type=int, default=0, show_default=True,
+              help="A large application: this many messages of history over years.")
+@click.option("--conversations", type=int, default=2000, show_default=True,
+              help="Conversations of the --history application.")
+@click.option("--chatrooms", type=int, default=100, show_default=True,
+              help="Chatrooms of the --history application.")
+@click.option("--history-days", type=float, default=3 * 365, show_default=True,
+              help="How far back the --history application's first message is.")
+@click.option("--poison", type=click.Choice(["nested", "invalid"]), multiple=True,
+              help="Add a poison record in the middle of the history (repeatable).")
+@click.option("--retry-after", is_flag=True, help="Send Retry-After with 429 answers.")
 @_fault_options
 def emulate_leancloud(host: str, ports: tuple[int, ...], app_id: str, master_key: str,
                       rate_limit: int, penalty_seconds: float, send_delay: float, rate: float,
-                      backlog: int, error_ratio: float, malformed_ratio: float,
+                      backlog: int, history: int, conversations: int, chatrooms: int,
+                      history_days: float, poison: tuple[str, ...], retry_after: bool,
+                      error_ratio: float, malformed_ratio: float,
                       slow_ratio: float, slow_seconds: float, seed: int | None) -> None:
-    """LeanCloud IM REST API (GET /1.2/rtm/messages, the application's history)."""
+    """LeanCloud IM REST API (history, per-conversation history, conversation lists)."""
     from relay.emulators.harness import Faults
     from relay.emulators.leancloud import LeanCloudEmulator
 
     emulator = LeanCloudEmulator(
         app_id, master_key, rate_limit_per_minute=rate_limit or None,
         penalty_seconds=penalty_seconds, send_delay=send_delay, seed=seed,
+        retry_after=retry_after, keep_served=not history,
         faults=Faults(error_ratio=error_ratio, malformed_ratio=malformed_ratio,
                       slow_ratio=slow_ratio, slow_seconds=slow_seconds),
     )
+    if history:
+        emulator.load_history(history, conversations=conversations, chatrooms=chatrooms,
+                              days=history_days)
+    for kind in poison:
+        emulator.inject_poison(kind, timestamp_ms=int((time.time() - history_days * 43200)
+                                                      * 1000))
     if backlog:
         emulator.generate(backlog)
 
