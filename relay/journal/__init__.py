@@ -2,6 +2,7 @@
 
 from relay.journal.base import (
     CommitResult,
+    ConversationTally,
     DeadLetter,
     Journal,
     JournalError,
@@ -9,6 +10,8 @@ from relay.journal.base import (
     JournalLockedError,
     JournalSchemaError,
     JournalStats,
+    LedgerBatch,
+    LedgerEntry,
     NewEvent,
     QuarantinedRecord,
     Routing,
@@ -19,6 +22,7 @@ from relay.journal.sqlite import SqliteJournal
 
 __all__ = [
     "CommitResult",
+    "ConversationTally",
     "DeadLetter",
     "Journal",
     "JournalError",
@@ -26,6 +30,8 @@ __all__ = [
     "JournalLockedError",
     "JournalSchemaError",
     "JournalStats",
+    "LedgerBatch",
+    "LedgerEntry",
     "NewEvent",
     "QuarantinedRecord",
     "Routing",

@@ -28,21 +28,25 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from relay.journal import sqlite_ledger
 from relay.journal.base import (
     CommitResult,
+    ConversationTally,
     DeadLetter,
     JournalError,
     JournalFullError,
     JournalLockedError,
     JournalSchemaError,
     JournalStats,
+    LedgerBatch,
+    LedgerEntry,
     NewEvent,
     QuarantinedRecord,
     SinkLag,
     StoredEvent,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _T = TypeVar("_T")
 
@@ -78,6 +82,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             cid INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, action TEXT NOT NULL,
             arg TEXT NOT NULL, created_at INTEGER NOT NULL)""",
     ),
+    # The evacuation ledger: every message id an evacuated source took (relay evacuate).
+    2: sqlite_ledger.MIGRATION,
 }
 
 _EVENT_COLUMNS = "seq, id, fetched_at, routing, payload"
@@ -104,6 +110,7 @@ class _Pending:
     cursors: Mapping[str, str] | None = None
     quarantine: Sequence[QuarantinedRecord] = ()
     sink: tuple[str, int] | None = None
+    ledger: LedgerBatch | None = None
     result: CommitResult | None = None
     error: JournalError | None = None
     done: bool = False
@@ -151,6 +158,7 @@ class SqliteJournal:
         self._new_events: anyio.Event | None = None
         self._space_checked_at = 0.0
         self._space_ok = True
+        self._ledger = sqlite_ledger.LedgerWriter()
 
     # -- opening -----------------------------------------------------------
 
@@ -338,9 +346,13 @@ class SqliteJournal:
                     [self._written_seq, *(p.result.last_seq for p in group if p.result)]
                 )
             except JournalError as exc:
+                self._ledger.forget()
                 for pending in group:
                     pending.error = exc
                     pending.done = True
+                raise
+            except BaseException:
+                self._ledger.forget()
                 raise
             finally:
                 for pending in group:
@@ -378,6 +390,8 @@ class SqliteJournal:
                     " updated_at=excluded.updated_at",
                     [(k, v, now) for k, v in item.cursors.items()],
                 )
+            if item.ledger is not None:
+                self._ledger.write(conn, item.ledger)
             if item.sink is not None:
                 conn.execute(
                     "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
@@ -402,8 +416,9 @@ class SqliteJournal:
         *,
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
+        ledger: LedgerBatch | None = None,
     ) -> CommitResult:
-        item = _Pending(events=events, cursors=cursors, quarantine=quarantine)
+        item = _Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger)
         await self._group_commit(item)
         if item.error is not None:
             raise item.error
@@ -674,6 +689,20 @@ class SqliteJournal:
         if deleted:
             await self._w().run(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
         return deleted
+
+    # -- the evacuation ledger ------------------------------------------------
+
+    async def ledger_tallies(self, source: str, before_ms: int) -> dict[str, ConversationTally]:
+        return await self._reader.run(
+            lambda conn: sqlite_ledger.tallies(conn, source, before_ms))
+
+    async def ledger_missing(self, source: str,
+                             keys: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+        return await self._reader.run(lambda conn: sqlite_ledger.missing(conn, source, keys))
+
+    async def ledger_quarantined(self, source: str, limit: int) -> list[LedgerEntry]:
+        return await self._reader.run(
+            lambda conn: sqlite_ledger.quarantined(conn, source, limit))
 
     def size_bytes(self) -> int:
         total = 0
