@@ -79,6 +79,35 @@ def _run_relay(config: RelayConfig, on_ready: Callable[[Any], Any] | None = None
 
 
 @main.command()
+@config_option
+@click.option("--source", "source_name", required=True, metavar="NAME",
+              help="The LeanCloud source whose whole history to export.")
+@click.option("--exit-when-done", is_flag=True,
+              help="Exit once verified, reported and delivered (0 complete, 1 not).")
+def evacuate(config_file: str | None, source_name: str, exit_when_done: bool) -> None:
+    """Export a LeanCloud app's whole history and conversations, verify it, report.
+
+    Runs the relay as `relay run` does, with this source reading from the first
+    message ever; resumable after any stop. See README "Leaving LeanCloud".
+    """
+    from relay.evacuate import EvacuationError, run_evacuation
+
+    config = _load(config_file, require_components=False)
+    if not config.sources:
+        fail("sources: at least one [sources.NAME] table is required")
+    configure_logging(config.log.level, config.log.format)
+    try:
+        code = run_evacuation(config, source_name, exit_when_done=exit_when_done)
+    except EvacuationError as exc:
+        fail(str(exc))
+    except JournalLockedError as exc:
+        fail(str(exc))
+    except JournalError as exc:
+        fail(str(exc), 1)
+    sys.exit(code)
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schema of the normalized event (im-relay.event/1)."""
     click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
@@ -113,6 +142,9 @@ def _format_status(stats: JournalStats) -> str:
     for sink in stats.sinks:
         lag = _ago(sink.oldest_pending_fetched_at) if sink.pending else "caught up"
         lines.append(f"{sink.sink:<20} {sink.cursor:>10} {sink.pending:>10}  {lag}")
+    from relay.progress import status_lines
+
+    lines += status_lines(stats.cursors)
     if stats.cursors:
         lines += ["", "source cursors"]
         for key, value in stats.cursors.items():
@@ -144,7 +176,10 @@ def status(config_file: str | None, as_json: bool) -> None:
     if as_json:
         from dataclasses import asdict
 
-        click.echo(json.dumps(asdict(stats), indent=2))
+        from relay.progress import status_entries
+
+        click.echo(json.dumps({**asdict(stats), "evacuations": [
+            f.to_json() for f in status_entries(stats.cursors)]}, indent=2))
     else:
         click.echo(_format_status(stats))
 
