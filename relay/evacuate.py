@@ -394,7 +394,13 @@ class Evacuation:
                 f" {cost / self.settings.requests_per_minute:,.1f} minutes at the budget")
         while verify["next"] < len(chosen):
             conv, room = chosen[verify["next"]]
+            current = verify.get("current") or {}
+            if current.get("conversation") != conv:
+                # Repairs commit this (with the state) in their transaction: after a crash
+                # the conversation is checked again and still counts as repaired.
+                verify["current"] = {"conversation": conv, "repaired": 0}
             await self._verify_one(api, runtime, conv, room, bound, tallies.get(conv), verify)
+            verify["current"] = None
             verify["next"] += 1
 
     async def _verify_one(self, api: LeanCloudApi, runtime: SourceRuntime, conv: str,
@@ -421,7 +427,7 @@ class Evacuation:
             return
         if lost:
             verify["missing"].append({"conversation": conv, "msg_ids": lost})
-        elif repaired:
+        elif repaired or verify["current"]["repaired"]:
             verify["repaired"] += 1
         else:
             verify["matching"] += 1
@@ -437,11 +443,13 @@ class Evacuation:
             partial(normalize, source=self.name, fetched_at=fetched_at))
         entries = ledger_entries(self.name, records, events, quarantine)
         verify["repaired_messages"] += len(records)
+        verify["current"]["repaired"] += len(records)
         result = await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
                                       ledger=LedgerBatch(self.name, entries),
                                       cursors={self.state_key: self._state_json()})
         if result is None:
             verify["repaired_messages"] -= len(records)
+            verify["current"]["repaired"] -= len(records)
             return False
         log.info("missing messages fetched", source=self.name, count=len(records),
                  conversation=records[0].get("conv-id") if isinstance(records[0], dict)
