@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench install postgres-server
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: lint postgres-server
 	$(BIN)/python -m pytest
+
+# The PostgreSQL server binaries the journal tests start a server from: Debian's
+# postgresql-15 package, installed with apt-get when missing and run as root.
+postgres-server: $(BIN)/.installed
+	$(BIN)/python -m tests.support.postgres_install
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.run_all

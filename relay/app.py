@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 from relay import metrics
 from relay.config import RelayConfig
 from relay.http_server import OpsServer
-from relay.journal import Journal, SqliteJournal
+from relay.journal import Journal, JournalError, SqliteJournal
 from relay.logs import get_logger
 from relay.sdnotify import Notifier
 from relay.sinks import build_sink
@@ -48,6 +48,7 @@ class Relay:
         self.runtime: SourceRuntime | None = None
         self.metrics_port: int | None = None
         self._last_limit_warning = 0.0
+        self.fatal: JournalError | None = None
 
     # -- readiness ---------------------------------------------------------
 
@@ -100,6 +101,8 @@ class Relay:
             self.journal = None
             await journal.close()
             self.notifier.close()
+        if self.fatal is not None:
+            raise self.fatal
         log.info("relay stopped")
 
     async def _run_components(
@@ -162,11 +165,25 @@ class Relay:
             try:
                 await start()
                 return
+            except JournalError as exc:
+                if exc.fatal:
+                    self._fail(exc, what)
+                    return
+                log.exception("component failed on the journal; restarting it in 5 s",
+                              component=what, error=str(exc))
             except Exception as exc:
                 log.exception("component failed unexpectedly; restarting it in 5 s",
                               component=what, error=str(exc))
-                with anyio.move_on_after(5):
-                    await self.stopping.wait()
+            with anyio.move_on_after(5):
+                await self.stopping.wait()
+
+    def _fail(self, exc: JournalError, what: str) -> None:
+        """A fatal journal failure: stop everything (acknowledging nothing more), exit non-zero."""
+        if self.fatal is None:
+            self.fatal = exc
+            log.critical("JOURNAL LOST: stopping without acknowledging anything more",
+                         component=what, error=str(exc))
+        self.request_stop()
 
     async def _housekeeping(self) -> None:
         assert self.journal is not None
@@ -175,6 +192,12 @@ class Relay:
         last_compact = time.monotonic()
         last_stats = 0.0
         while True:
+            try:
+                # Also when idle: a deleted journal must be noticed before the next batch.
+                journal.check_intact()
+            except JournalError as exc:
+                self._fail(exc, "housekeeping")
+                return
             now = time.monotonic()
             if now - last_compact >= c.journal.compact_interval:
                 last_compact = now

@@ -359,14 +359,21 @@ def replay(config_file: str | None, sink: str, since: str) -> None:
     except ValueError as exc:
         fail(f"--since: {exc}")
 
-    async def request(journal: SqliteJournal) -> int:
+    async def request(journal: SqliteJournal) -> tuple[int, int, int | None]:
+        cursor = await journal.sink_cursor(sink)
         await journal.request_control(sink, "replay", str(since_ms))
-        return await journal.count_since(since_ms)
+        again = await journal.count_since(since_ms, through_seq=cursor)
+        held = await journal.count_since(since_ms)
+        return again, held - again, (await journal.stats()).oldest_fetched_at
 
-    count = _with_journal(view, request)
-    click.echo(f"replay of sink {sink} from {_iso(since_ms)} requested: {count} event(s) held"
-               " from then on will be delivered again by the running relay within a second"
-               " (or at its next start)")
+    again, pending, oldest = _with_journal(view, request)
+    click.echo(f"replay of sink {sink} from {_iso(since_ms)} requested: {again} event(s) it has"
+               f" delivered will be delivered again, and {pending} not yet delivered follow, by"
+               " the running relay within a second (or at its next start); replay never skips"
+               " undelivered events")
+    if oldest is not None and oldest > since_ms:
+        click.echo(f"note: the journal holds events only from {_iso(oldest)} on (journal.retain);"
+                   " nothing older can be replayed", err=True)
 
 
 @main.command()
@@ -511,15 +518,26 @@ def emulate_rongcloud(host: str, ports: tuple[int, ...], app_key: str, app_secre
               help="New history messages/s per channel (default: --rate).")
 @click.option("--backlog", type=int, default=0, show_default=True,
               help="Messages queued at start, per uid and per channel.")
+@click.option("--real-server", is_flag=True,
+              help="Behave as a real WuKongIM v2.2.5 server: every server quirk on.")
+@click.option("--quirk", "quirk_settings", multiple=True, metavar="NAME[=VALUE]",
+              help="Set one server quirk, e.g. limit_bug or conversation_persist_seconds=5 "
+                   "(repeat; applied after --real-server).")
 @_fault_options
 def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
                      uids: tuple[str, ...], channels: tuple[str, ...], rate: float,
-                     channel_rate: float | None, backlog: int, error_ratio: float,
+                     channel_rate: float | None, backlog: int, real_server: bool,
+                     quirk_settings: tuple[str, ...], error_ratio: float,
                      malformed_ratio: float, slow_ratio: float, slow_seconds: float,
                      seed: int | None) -> None:
     """WuKongIM server API (message/sync, message/syncack, channel/messagesync)."""
     from relay.emulators.harness import Faults
-    from relay.emulators.wukongim import WuKongIMEmulator
+    from relay.emulators.wukongim import ServerQuirks, WuKongIMEmulator
+
+    try:
+        quirks = ServerQuirks.from_options(real_server, quirk_settings)
+    except ValueError as exc:
+        fail(f"--quirk: {exc}")
 
     parsed: list[tuple[str, int]] = []
     for spec in channels:
@@ -528,7 +546,7 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
             fail(f"--channel {spec!r}: expected ID:TYPE, e.g. g1:2")
         parsed.append((name, int(kind)))
     emulator = WuKongIMEmulator(
-        token, uids=list(uids), channels=parsed, seed=seed,
+        token, uids=list(uids), channels=parsed, seed=seed, quirks=quirks,
         faults=Faults(error_ratio=error_ratio, malformed_ratio=malformed_ratio,
                       slow_ratio=slow_ratio, slow_seconds=slow_seconds),
     )
@@ -541,7 +559,7 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
     _serve_emulator(emulator, host, ports, {
         "emulator": "wukongim", "uids": list(uids),
         "channels": [{"id": c, "type": t} for c, t in parsed],
-        "token_required": token is not None,
+        "token_required": token is not None, "quirks": quirks.names_on(),
     }, lambda: emulator.set_traffic(rate, channel_rate))
 
 

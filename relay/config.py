@@ -25,7 +25,7 @@ from relay.sinks import SINKS, SinkConfigUnion
 from relay.sources import SOURCES, SourceConfig
 
 DEFAULT_CONFIG_FILE = "relay.toml"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 RETENTION_FLOOR = 3 * 3600.0  # RongCloud keeps undelivered data 3 h: dedup at least that long
 
 
@@ -107,7 +107,7 @@ class RelayConfig(BaseSettings):
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 raise ValueError(
                     f"{name!r} is not a valid name (lowercase letters, digits, '_' and '-')"
                 )

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from relay.remote import url_secrets
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -124,10 +126,18 @@ class ComponentConfig(BaseModel):
         return data
 
     def secret_values(self) -> list[str]:
-        """The plain values of this component's secrets, for log redaction."""
+        """The plain values of this component's secrets, for log redaction.
+
+        Credentials inside URLs (user-info, query values) count as secrets too.
+        """
         values = []
         for name in _secret_fields(type(self)):
             secret = getattr(self, name)
             if isinstance(secret, SecretStr) and secret.get_secret_value():
                 values.append(secret.get_secret_value())
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and item.startswith(("http://", "https://")):
+                    values.extend(url_secrets(item))
         return values

@@ -20,6 +20,7 @@ from relay.emulators.leancloud import LeanCloudEmulator
 from relay.emulators.rongcloud import RongCloudEmulator
 from relay.emulators.wukongim import WuKongIMEmulator
 from relay.logs import configure_logging, register_secrets
+from relay.private_files import make_private_dirs
 
 _CONFIG = """\
 # Written by `relay demo`: the relay's configuration for the demo emulators.
@@ -93,7 +94,7 @@ async def _progress(events: Path, relay: Relay) -> None:
 
 
 def run_demo(directory: Path, rate: float) -> None:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(directory)
     configure_logging("info", "auto")
     app_secret = secrets.token_urlsafe(16)
     wk_token = secrets.token_urlsafe(16)

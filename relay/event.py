@@ -142,12 +142,18 @@ def content_from_value(value: Any) -> tuple[JSONValue, ContentEncoding]:
     return orjson.dumps(value).decode(), "text"
 
 
-def content_from_bytes(raw: bytes, original_b64: str) -> tuple[JSONValue, ContentEncoding]:
-    """Decoded binary content: JSON if it is, text if UTF-8, else the base64 as given."""
+def content_from_base64(value: str) -> tuple[JSONValue, ContentEncoding]:
+    """Content the wire carries as base64 (WuKongIM ``payload``, LeanCloud ``bin: true``).
+
+    The one rule for every provider (SPEC §3): decode first; then a JSON object
+    or array is parsed, other UTF-8 is text, anything else stays base64 (as given).
+    Raises ValueError when ``value`` is not valid standard base64.
+    """
+    raw = decode_base64(value)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return original_b64, "base64"
+        return value, "base64"
     return content_from_text(text)
 
 

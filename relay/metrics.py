@@ -10,6 +10,7 @@ import platform
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from enum import StrEnum
 
 from prometheus_client import (
     CollectorRegistry,
@@ -103,7 +104,7 @@ BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
 SOURCE_REQUESTS = Counter(
     "relay_source_requests_total",
     "Requests to provider APIs by outcome (ok, empty, throttled, config_error, transient_error,"
-    " connect_error, timeout, malformed).",
+    " connect_error, timeout, malformed, too_large, local_error).",
     ["source", "endpoint", "outcome"],
     registry=REGISTRY,
 )
@@ -253,8 +254,19 @@ SINK_LATENCY = BatchHistogram(
 )
 
 
-REQUEST_OUTCOMES = ("ok", "empty", "throttled", "config_error", "transient_error",
-                    "connect_error", "timeout", "malformed")
+class RequestOutcome(StrEnum):
+    """How one provider request went: the ``outcome`` label of ``relay_source_requests_total``."""
+
+    OK = "ok"
+    EMPTY = "empty"
+    THROTTLED = "throttled"
+    CONFIG = "config_error"
+    TRANSIENT = "transient_error"
+    CONNECT = "connect_error"
+    TIMEOUT = "timeout"
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    LOCAL = "local_error"
 
 
 def init_source(source: str, endpoints: Sequence[str], retention: float = 0.0) -> None:
@@ -263,10 +275,10 @@ def init_source(source: str, endpoints: Sequence[str], retention: float = 0.0) -
     SOURCE_FAILOVERS.labels(source)
     SOURCE_SEQ_GAPS.labels(source)
     for endpoint in endpoints:
-        for outcome in REQUEST_OUTCOMES:
+        for outcome in RequestOutcome:
             SOURCE_REQUESTS.labels(source, endpoint, outcome)
-        for outcome in ("new", "duplicate", "quarantined"):
-            SOURCE_EVENTS.labels(source, endpoint, outcome)
+        for counted in ("new", "duplicate", "quarantined"):
+            SOURCE_EVENTS.labels(source, endpoint, counted)
         SOURCE_POSSIBLE_LOSS.labels(source, endpoint)
         SOURCE_BUDGET_WAITS.labels(source, endpoint)
         SOURCE_SUSPECTED_THROTTLED.labels(source, endpoint)

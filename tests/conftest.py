@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import settings
 
-pytest_plugins = ["tests.support.kafka_fixtures"]
+pytest_plugins = ["tests.support.kafka_fixtures", "tests.support.postgres_fixtures"]
 
 # CI explores the same examples every run (a failure there must be reproducible);
 # elsewhere every run explores new ones.

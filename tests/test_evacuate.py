@@ -106,7 +106,7 @@ def test_evacuation_of_a_large_app_survives_kill_9(tmp_path: Path) -> None:
             sources={"lc": {"type": "leancloud", "base_url": server.urls[0], "app_id": "lc-app",
                             "master_key": "lc-master", "settle_delay": "1s",
                             "idle_interval": "200ms", "throttle_backoff": "1s",
-                            "retry_after_max": "5s",
+                            "max_retry_after": "5s",
                             "evacuation": {"requests_per_minute": 9000,
                                            "progress_interval": "1s"}}},
             sinks={},  # the evacuation's default archive

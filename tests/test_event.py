@@ -13,7 +13,7 @@ import pytest
 import relay
 from relay.event import (
     build_event,
-    content_from_bytes,
+    content_from_base64,
     content_from_value,
     conversation_key,
     derived_native_id,
@@ -91,10 +91,13 @@ def test_content_rules(value: object, content: object, encoding: str) -> None:
     assert content_from_value(value) == (content, encoding)
 
 
-def test_binary_content_is_json_text_or_base64() -> None:
-    raw = b'{"k": "v"}'
-    assert content_from_bytes(raw, base64.b64encode(raw).decode()) == ({"k": "v"}, "json")
-    assert content_from_bytes("héllo".encode(), "x") == ("héllo", "text")
-    blob = b"\xff\xfe\x00"
-    b64 = base64.b64encode(blob).decode()
-    assert content_from_bytes(blob, b64) == (b64, "base64")
+def test_base64_content_is_decoded_then_json_text_or_base64() -> None:
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    assert content_from_base64(b64(b'{"k": "v"}')) == ({"k": "v"}, "json")
+    assert content_from_base64(b64("héllo".encode())) == ("héllo", "text")
+    blob = b64(b"\xff\xfe\x00")
+    assert content_from_base64(blob) == (blob, "base64")
+    with pytest.raises(ValueError, match="base64"):
+        content_from_base64("not base64!")

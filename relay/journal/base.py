@@ -9,7 +9,9 @@ Exceptions::
     JournalError
     ├── JournalLockedError   another relay holds the journal (exit 2)
     ├── JournalFullError     no space left: stop acknowledging, retry later
-    └── JournalSchemaError   the file was written by a newer relay
+    ├── JournalSchemaError   the file was written by a newer relay
+    └── JournalGoneError     the journal's file was deleted or replaced under the
+                             relay: fatal (``fatal = True``), stop and exit non-zero
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import orjson
 class JournalError(Exception):
     """Base of the journal's errors."""
 
+    #: Retrying cannot help: the relay must stop (without acknowledging anything more).
+    fatal = False
+
 
 class JournalLockedError(JournalError):
     """Another process holds the journal's single-writer lock."""
@@ -35,6 +40,12 @@ class JournalFullError(JournalError):
 
 class JournalSchemaError(JournalError):
     """The journal was written by a newer version and cannot be migrated."""
+
+
+class JournalGoneError(JournalError):
+    """The journal's storage is no longer the one the relay opened (deleted, replaced)."""
+
+    fatal = True
 
 
 class Routing(NamedTuple):
@@ -199,7 +210,10 @@ class Journal(Protocol):
         """Record that the sink delivered everything up to ``seq``."""
 
     async def rewind_sink(self, sink: str, since_ms: int) -> int:
-        """Move a sink's cursor back to re-deliver events fetched at or after ``since_ms``."""
+        """Move a sink's cursor back to re-deliver events fetched at or after ``since_ms``.
+
+        Never forward: a cursor already before that point stays. Returns the cursor.
+        """
 
     async def add_dead_letters(
         self, sink: str, events: Sequence[StoredEvent], error: str, attempts: int
@@ -233,8 +247,8 @@ class Journal(Protocol):
     async def erase_user(self, user_id: str, *, dry_run: bool = False) -> dict[str, int]:
         """Remove one user's events (as sender or recipient) everywhere the journal keeps data."""
 
-    async def count_since(self, since_ms: int) -> int:
-        """Events fetched at or after ``since_ms``."""
+    async def count_since(self, since_ms: int, *, through_seq: int | None = None) -> int:
+        """Events fetched at or after ``since_ms`` (with ``seq <= through_seq``, if given)."""
 
     async def compact(self, now_ms: int) -> int:
         """Drop events past retention that every sink has delivered; returns how many."""
@@ -264,5 +278,8 @@ class Journal(Protocol):
 
     def has_space(self) -> bool:
         """False when the file system is (nearly) full: sources must not poll."""
+
+    def check_intact(self) -> None:
+        """Raise :class:`JournalGoneError` if the storage is no longer the one opened."""
 
     async def close(self) -> None: ...

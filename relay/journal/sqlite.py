@@ -8,6 +8,13 @@ task never abandons a transaction half way (anyio waits for the thread).
 
 Single writer: an exclusive ``flock`` on ``<path>.lock``; a second relay gets
 :class:`JournalLockedError`. Read-only openers (``relay status``) take no lock.
+
+The file the relay opened must stay the journal: SQLite writes on into a file
+that was deleted (or renamed away) under it, and everything would be gone at
+the next start while providers were being acknowledged. So every write
+transaction checks, after committing, that the path still names the opened
+file; if not, that write and every later one fail with the fatal
+:class:`JournalGoneError` and the relay stops.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from relay.journal.base import (
     DeadLetter,
     JournalError,
     JournalFullError,
+    JournalGoneError,
     JournalLockedError,
     JournalSchemaError,
     JournalStats,
@@ -45,6 +53,7 @@ from relay.journal.base import (
     SinkLag,
     StoredEvent,
 )
+from relay.private_files import make_private_dirs
 
 SCHEMA_VERSION = 2
 
@@ -158,6 +167,8 @@ class SqliteJournal:
         self._new_events: anyio.Event | None = None
         self._space_checked_at = 0.0
         self._space_ok = True
+        self._identity = self._file_identity()
+        self._gone: str | None = None
         self._ledger = sqlite_ledger.LedgerWriter()
 
     # -- opening -----------------------------------------------------------
@@ -172,7 +183,7 @@ class SqliteJournal:
     ) -> SqliteJournal:
         """Open (creating and migrating) the journal for writing; takes the single-writer lock."""
         db_path = Path(path)
-        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(db_path.parent)
         lock_fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -291,6 +302,24 @@ class SqliteJournal:
         mark = conn.execute("SELECT value FROM meta WHERE key = 'high_seq'").fetchone()
         return max(int(stored), int(mark[0]) if mark else 0)
 
+    # -- the file itself ------------------------------------------------------
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check_intact(self) -> None:
+        """Raise :class:`JournalGoneError` if the path no longer names the opened journal."""
+        if self._gone is None and self._writer is not None \
+                and self._file_identity() != self._identity:
+            self._gone = (f"the journal file {self.path} was deleted or replaced while the relay"
+                          " was running: nothing written since is safe; stopping")
+        if self._gone is not None:
+            raise JournalGoneError(self._gone)
+
     # -- writing -----------------------------------------------------------
 
     @property
@@ -306,6 +335,7 @@ class SqliteJournal:
         """Run ``fn`` in one immediate transaction on the writer connection."""
 
         def transaction(conn: sqlite3.Connection) -> _T:
+            self.check_intact()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 result = fn(conn)
@@ -314,6 +344,7 @@ class SqliteJournal:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
+                self.check_intact()
                 if _is_disk_full(exc):
                     raise JournalFullError(f"journal write failed, no space: {exc}") from None
                 raise JournalError(f"journal write failed: {exc}") from None
@@ -321,6 +352,8 @@ class SqliteJournal:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            # Committed, but into the file we opened only if the path still names it.
+            self.check_intact()
             return result
 
         return await self._w().run(transaction)
@@ -330,33 +363,47 @@ class SqliteJournal:
 
         Sources on several endpoints and sinks moving their cursors commit at
         the same time; the first to get the lock commits everything queued so
-        far, the others find their result ready.
+        far, the others find their result ready. The holder commits shielded
+        from cancellation: the others' batches depend on it (a RongCloud batch
+        exists nowhere else). A caller cancelled while it waits takes its own
+        item back out of the queue, unless a holder already took it.
         """
         self._queue.append(item)
         if self._commit_lock is None:
             self._commit_lock = anyio.Lock()
-        async with self._commit_lock:
+        try:
+            await self._commit_lock.acquire()
+        except BaseException:
+            if item in self._queue:
+                self._queue.remove(item)
+            raise
+        try:
             if item.done:
                 return
             group, self._queue = self._queue, []
-            try:
-                await self._write(lambda conn: self._apply_group(conn, group))
-                # Groups are serialized by the lock: the next one sees this seq.
-                self._written_seq = max(
-                    [self._written_seq, *(p.result.last_seq for p in group if p.result)]
-                )
-            except JournalError as exc:
-                self._ledger.forget()
-                for pending in group:
-                    pending.error = exc
-                    pending.done = True
-                raise
-            except BaseException:
-                self._ledger.forget()
-                raise
-            finally:
-                for pending in group:
-                    pending.done = True
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._write(lambda conn: self._apply_group(conn, group))
+                except JournalError as exc:
+                    self._ledger.forget()
+                    for pending in group:
+                        pending.error = exc
+                    raise
+                except BaseException as exc:
+                    self._ledger.forget()
+                    error = JournalError(f"journal write failed: {exc!r}")
+                    for pending in group:
+                        pending.error = error
+                    raise
+                finally:
+                    for pending in group:
+                        pending.done = True
+            # Groups are serialized by the lock: the next one sees this seq.
+            self._written_seq = max(
+                [self._written_seq, *(p.result.last_seq for p in group if p.result)]
+            )
+        finally:
+            self._commit_lock.release()
 
     def _apply_group(self, conn: sqlite3.Connection, group: list[_Pending]) -> None:
         now = _now_ms()
@@ -422,7 +469,8 @@ class SqliteJournal:
         await self._group_commit(item)
         if item.error is not None:
             raise item.error
-        assert item.result is not None
+        if item.result is None:  # never: a group marks every member with a result or error
+            raise JournalError("journal commit finished without a result")
         if item.result.new and item.result.last_seq > self._last_seq:
             self._last_seq = item.result.last_seq
             if self._new_events is not None:
@@ -497,12 +545,16 @@ class SqliteJournal:
                 "SELECT min(seq) FROM events WHERE fetched_at >= ?", (since_ms,)
             ).fetchone()
             target = (int(row[0]) - 1) if row and row[0] is not None else self._query_max_seq(conn)
+            # Only ever back: a lagging sink's cursor must not jump past what it has not
+            # delivered yet (SPEC §4 e).
             conn.execute(
                 "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
-                " ON CONFLICT(sink) DO UPDATE SET seq=excluded.seq, updated_at=excluded.updated_at",
+                " ON CONFLICT(sink) DO UPDATE SET seq=min(seq, excluded.seq),"
+                " updated_at=excluded.updated_at",
                 (sink, target, now),
             )
-            return target
+            return int(conn.execute("SELECT seq FROM sink_cursors WHERE sink = ?",
+                                    (sink,)).fetchone()[0])
 
         return await self._write(apply)
 
@@ -654,10 +706,14 @@ class SqliteJournal:
 
         return await self._write(apply)
 
-    async def count_since(self, since_ms: int) -> int:
+    async def count_since(self, since_ms: int, *, through_seq: int | None = None) -> int:
         def query(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT count(*) FROM events WHERE fetched_at >= ?",
-                                    (since_ms,)).fetchone()[0])
+            sql = "SELECT count(*) FROM events WHERE fetched_at >= ?"
+            params: tuple[int, ...] = (since_ms,)
+            if through_seq is not None:
+                sql += " AND seq <= ?"
+                params += (through_seq,)
+            return int(conn.execute(sql, params).fetchone()[0])
 
         return await self._reader.run(query)
 

@@ -1,15 +1,20 @@
 """What every sink provides, its routing filter, and how it reports failure.
 
-A sink receives batches of journal events in journal order and returns only
-when the batch is safe at its destination; the runner then moves the sink's
-cursor. Failure is classified by the sink and retried by the runner::
+A sink receives batches of journal events in journal order. One call of
+:meth:`Sink.deliver` is one attempt: the sink never sleeps or retries by
+itself, it *classifies* what happened and the runner waits, retries and
+reports (one retry layer, so the runner's lag gauges and alerts see every
+outage). Whole-batch failures are exceptions::
 
     SinkError
     ├── RetryableError   transient: retry the same batch later (honours retry_after)
-    └── SinkPausedError  the destination itself is wrong (auth, 404): pause and alert
+    └── SinkPausedError  the destination itself is wrong (auth, 404, a redirect, a
+                         missing topic): pause and alert
 
-Events a destination refuses for good come back in
-:attr:`DeliveryResult.rejected` and go to the dead-letter store; the sink moves on.
+Partial failure is data, in :class:`DeliveryResult`: events the destination
+refuses for good (``rejected``) go to the dead-letter store; events this
+attempt did not deliver (``retry``, e.g. one lane of a webhook) are tried
+again by the runner; everything else was delivered.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from relay.checks import CheckResult
 from relay.config_base import ComponentConfig, Duration
 from relay.journal import StoredEvent
-from relay.sources.base import CheckResult
 
 
 class SinkError(Exception):
@@ -42,7 +47,10 @@ class SinkPausedError(SinkError):
 
 @dataclass
 class DeliveryResult:
-    rejected: list[tuple[StoredEvent, str]] = field(default_factory=list)
+    rejected: list[tuple[StoredEvent, str]] = field(default_factory=list)  # → dead letters
+    retry: list[StoredEvent] = field(default_factory=list)  # not delivered by this attempt
+    retry_after: float | None = None  # the destination's own hint for ``retry`` (clamped)
+    error: str = ""  # why ``retry`` is not empty
 
 
 class SinkFilter(BaseModel):
@@ -76,8 +84,11 @@ class SinkConfig(ComponentConfig):
 
     filter: SinkFilter = Field(default_factory=SinkFilter)
     batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # The one retry layer (the runner's): exponential backoff with jitter between attempts.
     retry_backoff: Duration = 0.5
     retry_backoff_max: Duration = 60.0
+    # A destination's Retry-After is obeyed up to this (absurd values must not park a sink).
+    max_retry_after: Duration = 60.0
     paused_retry: Duration = 60.0
 
 
@@ -88,7 +99,7 @@ class Sink(Protocol):
         """Connect / open; may raise :class:`SinkError` (the runner retries)."""
 
     async def deliver(self, events: Sequence[StoredEvent]) -> DeliveryResult:
-        """Deliver the batch; return only once it is safe at the destination."""
+        """One attempt at the batch; what is not in ``rejected`` or ``retry`` is safe."""
 
     async def close(self) -> None: ...
 

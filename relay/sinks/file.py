@@ -4,7 +4,11 @@ After a crash the last line may be torn (written in part): it is cut off
 before anything is appended, and the journal re-delivers the batch. Files
 rotate by size and/or age into the same folder as
 ``<stem>-<UTC timestamp><suffix>`` (``events-20261125T191037Z.jsonl``),
-optionally gzipped. Files are created owner-only: they hold chat content.
+optionally gzipped. A file's age is that of its first event (so restarts do
+not keep a file young for ever). Compression writes a hidden temporary file
+and renames it into place, so a crash never leaves a truncated ``.gz`` beside
+its plain copy; an interrupted compression is redone at the next start.
+Files and folders are created owner-only: they hold chat content.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import anyio.to_thread
 import orjson
 from pydantic import Field
 
+from relay.checks import CheckResult
 from relay.config_base import ByteSize, Duration
 from relay.journal import StoredEvent
 from relay.logs import get_logger
+from relay.private_files import make_private_dirs
 from relay.sinks.base import DeliveryResult, RetryableError, SinkConfig
-from relay.sources.base import CheckResult
 
 log = get_logger("relay.sink.file")
 
@@ -73,6 +78,10 @@ def repair_torn_tail(path: Path) -> int:
         return size - cut_at
 
 
+class FileEraseError(Exception):
+    """A sink file could not be read whole, so one user's events could not be erased from it."""
+
+
 def erase_user_from_files(path: Path, user_id: str) -> int:
     """Rewrite the sink's file and its rotated siblings without one user's events.
 
@@ -90,17 +99,21 @@ def erase_user_from_files(path: Path, user_id: str) -> int:
         opener: Any = gzip.open if packed else open
         kept: list[bytes] = []
         dropped = 0
-        with opener(file, "rb") as src:
-            for line in src:
-                try:
-                    event = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    kept.append(line)
-                    continue
-                if event.get("sender") == user_id or event.get("recipient") == user_id:
-                    dropped += 1
-                else:
-                    kept.append(line)
+        try:
+            with opener(file, "rb") as src:
+                for line in src:
+                    try:
+                        event = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        kept.append(line)
+                        continue
+                    if event.get("sender") == user_id or event.get("recipient") == user_id:
+                        dropped += 1
+                    else:
+                        kept.append(line)
+        except (OSError, EOFError) as exc:
+            raise FileEraseError(f"{file}: cannot read it whole ({exc}); nothing was erased"
+                                 " from it") from None
         if not dropped:
             continue
         tmp = file.with_name(f".{file.name}.erasing")
@@ -118,6 +131,68 @@ def erase_user_from_files(path: Path, user_id: str) -> int:
     return removed
 
 
+def _packed_name(plain: Path) -> Path:
+    return plain.with_name(plain.name + ".gz")
+
+
+def _temporary_name(packed: Path) -> Path:
+    return packed.with_name(f".{packed.name}.partial")
+
+
+def compress_rotated(plain: Path) -> Path:
+    """Gzip a rotated file: written aside, fsynced, renamed into place, then the plain one goes.
+
+    Every step leaves a state a restart can finish: only a whole ``.gz`` ever has
+    its final name, and the plain file is removed only after it.
+    """
+    packed = _packed_name(plain)
+    partial = _temporary_name(packed)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with plain.open("rb") as src, os.fdopen(fd, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", filename=plain.name) as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(partial, packed)
+    fsync_dir(plain.parent)
+    plain.unlink()
+    fsync_dir(plain.parent)
+    return packed
+
+
+def finish_interrupted_rotation(path: Path, gzipped: bool) -> list[Path]:
+    """After a crash mid-compression: drop partial files, compress what was left plain."""
+    finished = []
+    pattern = f"{path.stem}-*{path.suffix}"
+    for partial in path.parent.glob(f".{pattern}.gz.partial"):
+        partial.unlink()
+    for plain in sorted(path.parent.glob(pattern)):
+        packed = _packed_name(plain)
+        if packed.exists():
+            plain.unlink()  # the .gz is whole (it got its name last): the plain copy is spare
+        elif gzipped:
+            finished.append(compress_rotated(plain))
+    return finished
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def first_line_fetched_at(path: Path) -> float | None:
+    """When the file's first event was fetched (seconds), or None if it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            line = f.readline(1 << 20)
+        return float(orjson.loads(line)["fetched_at"]) / 1000
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class FileSink:
     def __init__(self, name: str, config: FileSinkConfig) -> None:
         self.name = name
@@ -132,7 +207,10 @@ class FileSink:
         await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(self.path.parent)
+        for packed in finish_interrupted_rotation(self.path, self.config.gzip):
+            log.info("finished a compression interrupted by an earlier stop", sink=self.name,
+                     file=str(packed))
         cut = repair_torn_tail(self.path)
         if cut:
             log.warning("cut a torn last line left by an earlier crash", sink=self.name,
@@ -140,7 +218,10 @@ class FileSink:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "ab")
         self._size = os.fstat(fd).st_size
-        self._opened_at = time.time()
+        # The file's age is its first event's, not this process's: a relay restarted more
+        # often than rotate_interval must still rotate.
+        self._opened_at = (first_line_fetched_at(self.path) if self._size else None) \
+            or time.time()
 
     def _rotate_due(self) -> bool:
         c = self.config
@@ -157,28 +238,11 @@ class FileSink:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         target = self.path.with_name(f"{self.path.stem}-{stamp}{self.path.suffix}")
         os.rename(self.path, target)
-        self._fsync_dir()
+        fsync_dir(self.path.parent)
         if self.config.gzip:
-            packed = target.with_name(target.name + ".gz")
-            fd = os.open(packed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with target.open("rb") as src, os.fdopen(fd, "wb") as raw, \
-                    gzip.GzipFile(fileobj=raw, mode="wb", filename=target.name) as dst:
-                shutil.copyfileobj(src, dst, 1024 * 1024)
-                dst.flush()
-            with packed.open("rb") as f:
-                os.fsync(f.fileno())
-            target.unlink()
-            self._fsync_dir()
-            target = packed
+            target = compress_rotated(target)
         log.info("rotated", sink=self.name, file=str(target))
         self._open()
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _write(self, events: Sequence[StoredEvent]) -> None:
         if self._file is None:

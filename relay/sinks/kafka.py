@@ -8,17 +8,25 @@ empty allowed). The topic is fixed or a template over event fields
 it is acknowledged by the brokers; only then does the runner move the sink's
 cursor. Any failure retries the whole batch (at-least-once: consumers dedup on
 the ``id`` header), after the producer is rebuilt.
+
+Topics that do not exist: a templated topic is chosen partly by senders (the
+message ``type`` comes from the client), so an unknown one dead-letters only
+its records, or is created where ``create_topics`` says so; a missing fixed
+topic means the destination is wrong: the sink pauses and alerts. Neither
+retries one batch for ever.
 """
 
 from __future__ import annotations
 
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import anyio
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_lz4, has_snappy, has_zstd
 from aiokafka.errors import (
     InvalidMessageError,
@@ -26,14 +34,23 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
 )
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from relay.checks import CheckResult
 from relay.config_base import ByteSize, Duration
 from relay.journal import Routing, StoredEvent
 from relay.logs import get_logger
-from relay.sinks.base import DeliveryResult, RetryableError, SinkConfig, SinkError
-from relay.sources.base import CheckResult
+from relay.sinks.base import (
+    DeliveryResult,
+    RetryableError,
+    SinkConfig,
+    SinkError,
+    SinkPausedError,
+)
 
 log = get_logger("relay.sink.kafka")
 
@@ -72,6 +89,13 @@ class KafkaSinkConfig(SinkConfig):
     ssl_keyfile: str | None = None
     ssl_check_hostname: bool = True
     batch_size: int = Field(default=2000, ge=1, le=100_000)
+    # Topics the broker does not know: create them (with these settings; -1 = the broker's
+    # defaults) instead of dead-lettering their records (templated) or pausing (fixed).
+    create_topics: bool = False
+    create_topic_partitions: int = Field(default=-1, ge=-1)
+    create_topic_replication: int = Field(default=-1, ge=-1)
+    # How long to wait for a broker that creates topics on first use to show a new one.
+    topic_wait: Duration = Field(default=5.0, gt=0)
 
     @field_validator("topic")
     @classmethod
@@ -122,11 +146,18 @@ def kafka_record(event: StoredEvent) -> tuple[bytes, list[tuple[str, bytes]], Ro
     return key, headers, r
 
 
+# How long a topic found missing stays known as missing before it is looked up again.
+MISSING_TOPIC_TTL = 30.0
+
+
 class KafkaSink:
     def __init__(self, name: str, config: KafkaSinkConfig) -> None:
         self.name = name
         self.config = config
         self._producer: Any = None
+        self._templated = "{" in config.topic
+        self._known_topics: set[str] = set()
+        self._missing_topics: dict[str, float] = {}  # topic → when it was found missing
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         c = self.config
@@ -138,24 +169,30 @@ class KafkaSink:
             context.load_cert_chain(c.ssl_certfile, c.ssl_keyfile)
         return context
 
+    def _connection_settings(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "bootstrap_servers": c.bootstrap_servers,
+            "client_id": c.client_id,
+            "request_timeout_ms": int(c.request_timeout * 1000),
+            "security_protocol": c.security_protocol,
+            "ssl_context": self._ssl_context(),
+            "sasl_mechanism": c.sasl_mechanism or "PLAIN",
+            "sasl_plain_username": c.sasl_username,
+            "sasl_plain_password": (c.sasl_password.get_secret_value()
+                                    if c.sasl_password is not None else None),
+        }
+
     def _new_producer(self) -> Any:
         c = self.config
         return AIOKafkaProducer(
-            bootstrap_servers=c.bootstrap_servers,
-            client_id=c.client_id,
             acks="all",
             enable_idempotence=True,
             compression_type=None if c.compression == "none" else c.compression,
             linger_ms=int(c.linger * 1000),
             max_batch_size=c.max_batch_bytes,
             max_request_size=c.max_request_bytes,
-            request_timeout_ms=int(c.request_timeout * 1000),
-            security_protocol=c.security_protocol,
-            ssl_context=self._ssl_context(),
-            sasl_mechanism=c.sasl_mechanism or "PLAIN",
-            sasl_plain_username=c.sasl_username,
-            sasl_plain_password=(c.sasl_password.get_secret_value()
-                                 if c.sasl_password is not None else None),
+            **self._connection_settings(),
         )
 
     async def start(self) -> None:
@@ -184,14 +221,25 @@ class KafkaSink:
         template = self.config.topic
         futures = []
         result = DeliveryResult()
+        records = [(event, *kafka_record(event)) for event in events]
+        topics = [topic_for(template, routing) for _, _, _, routing in records]
         try:
             # Bounded: with the brokers gone, aiokafka can wait for metadata indefinitely.
             with anyio.fail_after(self.config.request_timeout * 2):
-                for event in events:
-                    key, headers, routing = kafka_record(event)
+                missing = await self._missing(set(topics))
+                if missing and not self._templated:
+                    raise SinkPausedError(
+                        f"topic {template} does not exist on the brokers (and create_topics is"
+                        " off): create it, or let the relay create it")
+                for (event, key, headers, _), topic in zip(records, topics, strict=True):
+                    if topic in missing:
+                        result.rejected.append((event, f"unknown topic {topic}: the brokers do not"
+                                                " create topics (set create_topics to let the"
+                                                " relay create it)"))
+                        continue
                     try:
-                        future = await producer.send(topic_for(template, routing), event.payload,
-                                                     key=key, headers=headers)
+                        future = await producer.send(topic, event.payload, key=key,
+                                                     headers=headers)
                     except RECORD_ERRORS as exc:
                         result.rejected.append((event, _describe(exc)))
                         continue
@@ -212,6 +260,68 @@ class KafkaSink:
             raise RetryableError(f"Kafka did not acknowledge the batch: {_describe(exc)}") \
                 from None
         return result
+
+    async def _missing(self, topics: set[str]) -> set[str]:
+        """The topics of a batch that do not exist (after creating them where configured)."""
+        producer = self._producer
+        known = producer.client.cluster.topics()
+        now = time.monotonic()
+        unsure = {t for t in topics if t not in self._known_topics and t not in known
+                  and now - self._missing_topics.get(t, -MISSING_TOPIC_TTL) >= MISSING_TOPIC_TTL}
+        missing = {t for t in topics if t in self._missing_topics
+                   and now - self._missing_topics[t] < MISSING_TOPIC_TTL}
+        if not unsure:
+            self._known_topics |= topics - missing
+            return missing
+        if self.config.create_topics:
+            await self._create(unsure)
+        results: dict[str, bool] = {}
+
+        async def look_up(topic: str) -> None:
+            # A broker that creates topics on first use shows them here within topic_wait.
+            with anyio.move_on_after(self.config.topic_wait):
+                try:
+                    await producer.partitions_for(topic)
+                    results[topic] = True
+                    return
+                except UnknownTopicOrPartitionError:
+                    pass
+            results[topic] = False
+
+        async with anyio.create_task_group() as tg:
+            for topic in unsure:
+                tg.start_soon(look_up, topic)
+        for topic, exists in results.items():
+            if exists:
+                self._known_topics.add(topic)
+                self._missing_topics.pop(topic, None)
+            else:
+                self._missing_topics[topic] = now
+                missing.add(topic)
+                log.error("Kafka topic does not exist: its records go to dead letters"
+                          if self._templated else "Kafka topic does not exist: sink paused",
+                          sink=self.name, topic=topic)
+        self._known_topics |= topics - missing - unsure
+        return missing
+
+    async def _create(self, topics: set[str]) -> None:
+        c = self.config
+        admin = AIOKafkaAdminClient(**self._connection_settings())
+        try:
+            await admin.start()
+            response = await admin.create_topics(
+                [NewTopic(name=t, num_partitions=c.create_topic_partitions,
+                          replication_factor=c.create_topic_replication) for t in topics],
+                timeout_ms=int(c.request_timeout * 1000))
+            for entry in response.topic_errors:
+                name, code = entry[0], int(entry[1])
+                if code in (0, TopicAlreadyExistsError.errno):
+                    log.info("Kafka topic created", sink=self.name, topic=name)
+                else:
+                    log.error("cannot create Kafka topic", sink=self.name, topic=name,
+                              error=for_code(code).__name__)
+        finally:
+            await admin.close()
 
     async def close(self) -> None:
         await self._reset()

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.journal import Journal, StoredEvent
+from relay.journal import Journal, JournalError, StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import (
     DeliveryResult,
@@ -33,9 +35,10 @@ REQUEST_POLL_INTERVAL = 1.0  # how often a running sink looks for CLI requests
 
 @dataclass
 class SinkHealth:
-    connected: bool = False
+    connected: bool = False  # the last delivery attempt succeeded
     paused: str | None = None
     cursor: int = 0
+    last_error: str = ""
 
 
 class SinkRunner:
@@ -109,19 +112,21 @@ class SinkRunner:
                 result = await self._deliver(selected, stopping)
                 if result is None:
                     return
-                await self._dead_letter(result)
+                if not await self._dead_letter(result, stopping):
+                    return
                 self._observe(selected, result)
             cursor = rows[-1].seq
-            # Shielded: a delivered batch must have its cursor recorded, or it repeats.
-            with anyio.CancelScope(shield=True):
-                await self.journal.advance_sink(self.name, cursor)
+            if not await self._journal_write(
+                    "cursor", partial(self.journal.advance_sink, self.name, cursor), stopping):
+                return
             self.health.cursor = cursor
 
     async def _serve_requests(self, cursor: int, stopping: anyio.Event) -> int:
         """Apply replay requests left by the CLI and re-deliver dead letters marked for it."""
         for action, arg in await self.journal.take_control(self.name):
             if action == "replay":
-                cursor = await self.journal.rewind_sink(self.name, int(arg))
+                # Only ever back (the journal keeps the smaller cursor, and so does this).
+                cursor = min(cursor, await self.journal.rewind_sink(self.name, int(arg)))
                 self.health.cursor = cursor
                 log.info("replaying from the journal", sink=self.name, since_ms=int(arg),
                          from_seq=cursor + 1)
@@ -145,45 +150,102 @@ class SinkRunner:
 
     async def _deliver(self, batch: list[StoredEvent],
                        stopping: anyio.Event) -> DeliveryResult | None:
-        """Deliver one batch, retrying as the sink says; None if stopped before success."""
+        """Deliver one batch, retrying what the sink says to retry; None if stopped first.
+
+        The only place a sink's delivery is retried: the sink classifies each
+        attempt, this loop waits (backoff, or the destination's clamped
+        Retry-After), keeps the lag gauges moving and reports.
+        """
+        pending = batch
+        rejected: list[tuple[StoredEvent, str]] = []
         while True:
             try:
-                result = await self.sink.deliver(batch)
+                result = await self.sink.deliver(pending)
             except RetryableError as exc:
-                self._note_failure("retry")
-                delay = exc.retry_after if exc.retry_after is not None else self._backoff.next()
-                log.warning("delivery failed; retrying", sink=self.name, events=len(batch),
+                self._note_failure("retry", str(exc))
+                delay = self._retry_delay(exc.retry_after)
+                log.warning("delivery failed; retrying", sink=self.name, events=len(pending),
                             error=str(exc), retry_in_seconds=round(delay, 2))
             except SinkPausedError as exc:
-                self._note_failure("paused")
+                self._note_failure("paused", str(exc))
+                if not self.health.paused:
+                    log.error("sink paused: the destination rejects the sink itself; an operator"
+                              " must act", sink=self.name, error=str(exc),
+                              retry_in_seconds=round(self.config.paused_retry))
                 self.health.paused = str(exc)
                 delay = self.config.paused_retry
-                log.error("sink paused: the destination rejects the sink itself; an operator"
-                          " must act", sink=self.name, error=str(exc),
-                          retry_in_seconds=round(delay))
             except SinkError as exc:
-                self._note_failure("retry")
+                self._note_failure("retry", str(exc))
                 delay = self._backoff.next()
                 log.error("delivery failed; retrying", sink=self.name, error=str(exc),
                           retry_in_seconds=round(delay, 2))
             else:
-                self._succeeded()
-                return result
+                rejected += result.rejected
+                if not result.retry:
+                    self._succeeded()
+                    return DeliveryResult(rejected=rejected)
+                self._note_failure("retry", result.error)
+                delay = self._retry_delay(result.retry_after)
+                log.warning("delivery partly failed; retrying the rest", sink=self.name,
+                            delivered=len(pending) - len(result.retry) - len(result.rejected),
+                            retrying=len(result.retry), error=result.error,
+                            retry_in_seconds=round(delay, 2))
+                pending = sorted(result.retry, key=lambda e: e.seq)
             # The lag keeps growing while the batch waits: let the gauges show it.
-            metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(
-                max(0.0, time.time() - batch[0].fetched_at / 1000))
-            metrics.SINK_PENDING.labels(self.name).set(
-                max(0, self.journal.last_seq - batch[0].seq + 1))
+            self._report_lag(pending[0])
             if stopping.is_set():
                 return None
             await self._sleep(delay, stopping)
             if stopping.is_set():
                 return None
 
-    def _note_failure(self, outcome: str) -> None:
+    def _retry_delay(self, hint: float | None) -> float:
+        if hint is not None:
+            self._backoff.next()  # a hint still counts as a failed attempt
+            return min(hint, self.config.max_retry_after)
+        return self._backoff.next()
+
+    def _report_lag(self, oldest: StoredEvent) -> None:
+        metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(
+            max(0.0, time.time() - oldest.fetched_at / 1000))
+        metrics.SINK_PENDING.labels(self.name).set(
+            max(0, self.journal.last_seq - oldest.seq + 1))
+
+    async def _journal_write(self, what: str, write: Callable[[], Awaitable[None]],
+                             stopping: anyio.Event) -> bool:
+        """A journal write the runner must not lose (cursor, dead letters): kept trying.
+
+        A full disk must not crash the runner (which would re-send the delivered
+        batch for ever); the write is retried until the journal takes it. False
+        only when the relay stops first (the batch then repeats after the restart).
+        """
+        backoff = Backoff(0.5, 5.0)
+        warned = False
+        while True:
+            try:
+                # Shielded: a delivered batch must have its cursor recorded, or it repeats.
+                with anyio.CancelScope(shield=True):
+                    await write()
+            except JournalError as exc:
+                if getattr(exc, "fatal", False):
+                    raise
+                if not warned:
+                    log.error("journal write failed after a delivery; holding the sink and"
+                              " retrying", sink=self.name, what=what, error=str(exc))
+                    warned = True
+                if stopping.is_set():
+                    return False
+                await self._sleep(backoff.next(), stopping)
+                continue
+            if warned:
+                log.info("journal writable again", sink=self.name, what=what)
+            return True
+
+    def _note_failure(self, outcome: str, error: str) -> None:
         metrics.SINK_ATTEMPTS.labels(self.name, outcome).inc()
         metrics.SINK_UP.labels(self.name).set(0)
         self.health.connected = False
+        self.health.last_error = error
 
     def _succeeded(self) -> None:
         if self.health.paused or not self.health.connected:
@@ -194,19 +256,22 @@ class SinkRunner:
         metrics.SINK_UP.labels(self.name).set(1)
         metrics.SINK_ATTEMPTS.labels(self.name, "ok").inc()
 
-    async def _dead_letter(self, result: DeliveryResult) -> None:
+    async def _dead_letter(self, result: DeliveryResult, stopping: anyio.Event) -> bool:
         if not result.rejected:
-            return
+            return True
         by_error: dict[str, list[StoredEvent]] = {}
         for event, error in result.rejected:
             by_error.setdefault(error, []).append(event)
         for error, events in by_error.items():
-            with anyio.CancelScope(shield=True):
-                await self.journal.add_dead_letters(self.name, events, error, attempts=1)
+            if not await self._journal_write("dead letters", partial(
+                    self.journal.add_dead_letters, self.name, events, error, attempts=1),
+                    stopping):
+                return False
             log.error("events refused by the destination: moved to dead letters",
                       sink=self.name, events=len(events), error=error)
         metrics.SINK_DEAD_LETTERS.labels(self.name).inc(len(result.rejected))
         metrics.SINK_ATTEMPTS.labels(self.name, "dead_letter").inc()
+        return True
 
     def _observe(self, batch: list[StoredEvent], result: DeliveryResult) -> None:
         if result.rejected:

@@ -4,18 +4,25 @@
   retries and restarts), ``webhook-timestamp`` and ``webhook-signature:
   v1,<base64 HMAC-SHA256(key, id.timestamp.body)>`` fresh on every attempt,
   where key = the base64-decoded part of the ``whsec_`` secret.
-- Answers: 2xx delivered; 408/429/5xx, timeouts and connection errors are
-  retried with exponential backoff and jitter, honouring ``Retry-After``;
-  401/403/404/410 mean the endpoint is wrong, not the events: the sink pauses
-  and alerts; 400/413/422 mean this batch was refused: it is split, and what
-  is still refused alone goes to the dead letters; other 4xx likewise.
+- Answers: 2xx delivered; 408/425/429/5xx, timeouts and connection errors
+  are retried (by the runner, the one retry layer: exponential backoff with
+  jitter, honouring a clamped ``Retry-After``); 401/403/404/410 and 3xx
+  (redirects are not followed) mean the endpoint is wrong, not the events:
+  the sink pauses and alerts; 400/413/422 mean this batch was refused: it is
+  split, and what is still refused alone goes to the dead letters; other 4xx
+  likewise.
+- Every request has a total deadline (``request_deadline``: connect, send and
+  the whole answer), so a receiver that drips bytes cannot hold a lane.
 - Concurrency: events are spread over ``concurrency`` lanes by conversation,
-  each lane posting its batches in order, so a conversation's events arrive
-  in journal order while lanes run side by side.
+  each lane posting its batches in order and stopping at its first failure,
+  so a conversation's events arrive in journal order while lanes run side by
+  side; what a lane did not deliver goes back to the runner to retry.
 - A circuit breaker: after ``breaker_failures`` attempts in a row that got no
   answer at all (refused, timed out) the endpoint is left alone for
   ``breaker_open`` before one probe; a dead endpoint costs one request per
-  interval, not a storm.
+  interval, not a storm. Opening and recovering are logged.
+- The URL may carry a credential (``?token=...``): it appears only through
+  :func:`relay.remote.display_url` in logs, errors and status.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import hmac
 import time
 import zlib
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Literal
 
 import anyio
@@ -33,19 +41,19 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from relay import metrics
-from relay.backoff import Backoff
+from relay.checks import CheckResult
 from relay.config_base import Duration, HttpUrl
 from relay.journal import StoredEvent
 from relay.logs import get_logger
-from relay.sinks.base import DeliveryResult, SinkConfig, SinkPausedError
-from relay.sources.base import CheckResult
-from relay.sources.http import retry_after
+from relay.remote import describe, display_url, fetch, local_failure, retry_after
+from relay.sinks.base import DeliveryResult, RetryableError, SinkConfig, SinkPausedError
 
 log = get_logger("relay.sink.webhook")
 
 RETRY_STATUSES = frozenset({408, 425, 429})
 PAUSE_STATUSES = frozenset({401, 403, 404, 410})
 SPLIT_STATUSES = frozenset({400, 413, 422})
+_ANSWER_BYTES = 64 * 1024  # of a receiver's answer only the status and an error excerpt matter
 
 
 class WebhookSinkConfig(SinkConfig):
@@ -56,8 +64,7 @@ class WebhookSinkConfig(SinkConfig):
     concurrency: int = Field(default=4, ge=1, le=64)
     timeout: Duration = 10.0
     connect_timeout: Duration = 5.0
-    retry_backoff: Duration = 0.5
-    retry_backoff_max: Duration = 60.0
+    request_deadline: Duration = Field(default=30.0, gt=0)
     breaker_failures: int = Field(default=5, ge=1)
     breaker_open: Duration = 30.0
     verify_tls: bool = True
@@ -100,33 +107,44 @@ def body_of(events: Sequence[StoredEvent]) -> bytes:
 
 
 class _Breaker:
-    """Consecutive-failure circuit breaker shared by the lanes of one sink."""
+    """Consecutive-failure circuit breaker shared by the lanes of one sink.
 
-    def __init__(self, failures: int, open_for: float) -> None:
+    Closed: requests go. After ``failures`` attempts in a row with no answer it
+    opens: attempts are refused (the runner waits out ``open_for``). Then one
+    probe goes; its success closes the breaker, its failure opens it again.
+    """
+
+    def __init__(self, sink: str, failures: int, open_for: float) -> None:
+        self.sink = sink
         self.failures = failures
         self.open_for = open_for
         self._count = 0
         self._opened_at: float | None = None
 
     def success(self) -> None:
+        if self._opened_at is not None:
+            log.info("webhook circuit breaker closed: the endpoint answers again", sink=self.sink)
         self._count = 0
         self._opened_at = None
 
     def failure(self) -> None:
         self._count += 1
-        if self._count >= self.failures and self._opened_at is None:
+        if self._count >= self.failures:
+            if self._opened_at is None:
+                log.error("webhook circuit breaker open: the endpoint does not answer; one probe"
+                          " per interval", sink=self.sink, failures=self._count,
+                          open_seconds=self.open_for)
             self._opened_at = time.monotonic()
 
-    async def wait(self) -> None:
-        """Hold a request while the breaker is open; when it expires, one caller probes."""
-        while self._opened_at is not None:
-            remaining = self._opened_at + self.open_for - time.monotonic()
-            if remaining <= 0:
-                # Re-armed: this caller is the probe, the others wait another period
-                # unless the probe succeeds (checked every half second).
-                self._opened_at = time.monotonic()
-                return
-            await anyio.sleep(min(remaining, 0.5))
+    def remaining(self) -> float:
+        """Seconds the breaker stays open (0 when requests may go, or one probe may)."""
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self.open_for - time.monotonic())
+
+    @property
+    def probing(self) -> bool:
+        return self._opened_at is not None and self.remaining() == 0.0
 
 
 def _first(group: BaseExceptionGroup[SinkPausedError]) -> SinkPausedError:
@@ -134,7 +152,7 @@ def _first(group: BaseExceptionGroup[SinkPausedError]) -> SinkPausedError:
     return _first(inner) if isinstance(inner, BaseExceptionGroup) else inner
 
 
-class _Outcome:
+class _Outcome(StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
     PAUSE = "pause"
@@ -147,7 +165,8 @@ class WebhookSink:
         self.config = config
         self._key = signing_key(config.secret.get_secret_value())
         self._client: httpx.AsyncClient | None = None
-        self._breaker = _Breaker(config.breaker_failures, config.breaker_open)
+        self._breaker = _Breaker(name, config.breaker_failures, config.breaker_open)
+        self._shown_url = display_url(config.url)
 
     async def start(self) -> None:
         if self._client is None:
@@ -168,6 +187,10 @@ class WebhookSink:
 
     async def deliver(self, events: Sequence[StoredEvent]) -> DeliveryResult:
         await self.start()
+        wait = self._breaker.remaining()
+        if wait > 0:
+            raise RetryableError(f"circuit breaker open: {self._shown_url} did not answer",
+                                 retry_after=wait)
         lanes: list[list[StoredEvent]] = [[] for _ in range(self.config.concurrency)]
         for event in events:
             # By conversation: one lane per conversation keeps its order.
@@ -177,12 +200,17 @@ class WebhookSink:
             else:
                 lane = 0
             lanes[lane].append(event)
+        busy = [lane for lane in lanes if lane]
         result = DeliveryResult()
+        if self._breaker.probing:
+            # One probe while the breaker is half open; the rest waits for its answer.
+            probe, rest = busy[0][:self.config.batch_size], busy[0][self.config.batch_size:]
+            result.retry += rest + [e for lane in busy[1:] for e in lane]
+            busy = [probe]
         try:
             async with anyio.create_task_group() as tg:
-                for lane_events in lanes:
-                    if lane_events:
-                        tg.start_soon(self._deliver_lane, lane_events, result)
+                for lane_events in busy:
+                    tg.start_soon(self._deliver_lane, lane_events, result)
         except BaseExceptionGroup as group:
             # Lanes fail together (a paused endpoint answers every lane alike): one is enough.
             paused = group.subgroup(SinkPausedError)
@@ -194,80 +222,78 @@ class WebhookSink:
     async def _deliver_lane(self, events: list[StoredEvent], result: DeliveryResult) -> None:
         size = self.config.batch_size
         for start in range(0, len(events), size):
-            await self._deliver_batch(events[start:start + size], result)
+            if not await self._deliver_batch(events[start:start + size], result):
+                # Stop at the first failure: later events of the lane must not overtake it.
+                result.retry += events[start + size:]
+                return
 
-    async def _deliver_batch(self, batch: list[StoredEvent], result: DeliveryResult) -> None:
-        """Deliver (or dead-letter) one batch, splitting it if the receiver refuses it."""
-        outcome, detail = await self._post_until_settled(batch)
+    async def _deliver_batch(self, batch: list[StoredEvent], result: DeliveryResult) -> bool:
+        """Deliver (or dead-letter) one batch, splitting it if the receiver refuses it.
+
+        False when the batch was not delivered and must be retried (it is in
+        ``result.retry``); the lane stops there.
+        """
+        outcome, detail, wait = await self._post(batch)
         if outcome == _Outcome.DELIVERED:
-            return
+            return True
+        if outcome == _Outcome.RETRY:
+            result.retry += batch
+            result.error = detail
+            if wait is not None:
+                result.retry_after = max(wait, result.retry_after or 0.0)
+            return False
+        if outcome == _Outcome.PAUSE:
+            raise SinkPausedError(f"{self._shown_url} answers {detail}: check the URL and the"
+                                  " receiver's authentication")
         # Refused as a batch: halves until the refused events stand alone.
         if len(batch) > 1:
             middle = len(batch) // 2
-            await self._deliver_batch(batch[:middle], result)
-            await self._deliver_batch(batch[middle:], result)
-            return
+            if not await self._deliver_batch(batch[:middle], result):
+                result.retry += batch[middle:]
+                return False
+            return await self._deliver_batch(batch[middle:], result)
         result.rejected.append((batch[0], detail))
+        return True
 
-    async def _post_until_settled(self, batch: list[StoredEvent]) -> tuple[str, str]:
-        """POST with retries until delivered or refused; raises SinkPausedError."""
+    async def _post(self, batch: list[StoredEvent]) -> tuple[_Outcome, str, float | None]:
+        """One signed POST, classified: (outcome, detail, the receiver's clamped Retry-After)."""
         assert self._client is not None
         msg_id = webhook_id(batch)
         body = body_of(batch)
-        backoff = Backoff(self.config.retry_backoff, self.config.retry_backoff_max)
-        attempts = 0
-        while True:
-            await self._breaker.wait()
-            attempts += 1
-            stamp = int(time.time())
-            headers = {
-                "content-type": "application/json",
-                "webhook-id": msg_id,
-                "webhook-timestamp": str(stamp),
-                "webhook-signature": sign(self._key, msg_id, stamp, body),
-            }
-            wait: float | None = None
-            try:
-                response = await self._client.post(self.config.url, content=body,
-                                                   headers=headers)
-            except httpx.TransportError as exc:
-                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                outcome = _Outcome.RETRY
-            else:
-                status = response.status_code
-                detail = f"HTTP {status}"
-                if 200 <= status < 300:
-                    outcome = _Outcome.DELIVERED
-                elif status in RETRY_STATUSES or status >= 500:
-                    outcome = _Outcome.RETRY
-                    wait = retry_after(response)
-                elif status in PAUSE_STATUSES:
-                    outcome = _Outcome.PAUSE
-                else:
-                    outcome = _Outcome.REFUSED
-                    detail += f": {response.text[:300]}"
-            if outcome == _Outcome.DELIVERED:
-                self._breaker.success()
-                return outcome, detail
-            if outcome == _Outcome.REFUSED:
-                # The receiver answered sensibly: the endpoint is fine, the batch is not.
-                self._breaker.success()
-                metrics.SINK_ATTEMPTS.labels(self.name, "refused").inc()
-                return outcome, f"{detail} (after {attempts} attempt(s))"
-            if outcome == _Outcome.PAUSE:
-                raise SinkPausedError(f"{self.config.url} answers {detail}: check the URL and"
-                                      " the receiver's authentication")
-            if not detail.startswith("HTTP "):
+        stamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign(self._key, msg_id, stamp, body),
+        }
+        try:
+            response = await fetch(self._client, "POST", self.config.url, content=body,
+                                   headers=headers, deadline=self.config.request_deadline,
+                                   max_bytes=_ANSWER_BYTES, truncate=True)
+        except (httpx.TransportError, TimeoutError, OSError) as exc:
+            local = local_failure(exc)
+            if local is None:
                 # Only an endpoint that does not answer at all (refused, timed out) trips
                 # the breaker; one that answers 5xx is alive and gets plain backoff.
                 self._breaker.failure()
-            metrics.SINK_ATTEMPTS.labels(self.name, "retry").inc()
-            metrics.SINK_UP.labels(self.name).set(0)
-            delay = wait if wait is not None else backoff.next()
-            log.warning("webhook delivery failed; retrying", sink=self.name, webhook_id=msg_id,
-                        events=len(batch), attempt=attempts, error=detail,
-                        retry_in_seconds=round(delay, 2))
-            await anyio.sleep(delay)
+            detail = local or (f"no whole answer within {self.config.request_deadline:g}s"
+                               if isinstance(exc, TimeoutError) else describe(exc))
+            return _Outcome.RETRY, detail, None
+        status = response.status_code
+        detail = f"HTTP {status}"
+        self._breaker.success()
+        if 200 <= status < 300:
+            return _Outcome.DELIVERED, detail, None
+        if status in RETRY_STATUSES or status >= 500:
+            return _Outcome.RETRY, detail, retry_after(response, self.config.max_retry_after)
+        if status in PAUSE_STATUSES or 300 <= status < 400:
+            if 300 <= status < 400:
+                detail += " (a redirect; redirects are not followed)"
+            return _Outcome.PAUSE, detail, None
+        # The receiver answered sensibly: the endpoint is fine, the batch is not.
+        metrics.SINK_ATTEMPTS.labels(self.name, "refused").inc()
+        return _Outcome.REFUSED, f"{detail}: {response.text()}", None
 
     async def check(self) -> list[CheckResult]:
         """An empty, signed batch: a receiver that verifies signatures can tell."""
@@ -277,15 +303,16 @@ class WebhookSink:
         body = b'{"events":[]}'
         msg_id = "msg_relay_check"
         try:
-            response = await self._client.post(self.config.url, content=body, headers={
+            response = await fetch(self._client, "POST", self.config.url, content=body, headers={
                 "content-type": "application/json", "webhook-id": msg_id,
                 "webhook-timestamp": str(stamp),
-                "webhook-signature": sign(self._key, msg_id, stamp, body)})
-        except httpx.TransportError as exc:
-            return [CheckResult(f"sink {self.name}", self.config.url, False,
-                                f"unreachable: {type(exc).__name__}")]
+                "webhook-signature": sign(self._key, msg_id, stamp, body)},
+                deadline=self.config.request_deadline, max_bytes=_ANSWER_BYTES, truncate=True)
+        except (httpx.TransportError, TimeoutError, OSError) as exc:
+            return [CheckResult(f"sink {self.name}", self._shown_url, False,
+                                f"unreachable: {describe(exc)}")]
         finally:
             await self.close()
-        ok = response.status_code < 300
-        return [CheckResult(f"sink {self.name}", self.config.url, ok,
+        ok = 200 <= response.status_code < 300
+        return [CheckResult(f"sink {self.name}", self._shown_url, ok,
                             f"HTTP {response.status_code}")]

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from relay.sources.base import CheckResult, Source, SourceHealth, SourceRuntime
+from relay.checks import CheckResult
+from relay.sources.base import Source, SourceHealth, SourceRuntime
 from relay.sources.leancloud import LeanCloudSource, LeanCloudSourceConfig
 from relay.sources.rongcloud import RongCloudSource, RongCloudSourceConfig
 from relay.sources.wukongim import WuKongIMSource, WuKongIMSourceConfig

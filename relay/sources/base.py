@@ -19,6 +19,7 @@ import anyio
 import orjson
 
 from relay import metrics
+from relay.checks import CheckResult
 from relay.journal import (
     CommitResult,
     Journal,
@@ -30,23 +31,17 @@ from relay.journal import (
 )
 from relay.logs import get_logger
 from relay.sources.budget import BudgetRegistry
+from relay.sources.http import Answer
+from relay.sources.salvage import Unparsed, dump_any
 
 log = get_logger("relay.source")
+
+# An event larger than this is quarantined: no sink (Kafka: 1 MB by default) would take it.
+DEFAULT_MAX_RECORD_BYTES = 4 * 1024 * 1024
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@dataclass
-class CheckResult:
-    """One line of ``relay check``: what was reached and how it went."""
-
-    component: str
-    target: str
-    ok: bool
-    detail: str
-    warning: bool = False
 
 
 @dataclass
@@ -110,6 +105,9 @@ class SourceRuntime:
                 )
                 break
             except JournalError as exc:
+                if exc.fatal:
+                    # The journal itself is gone: nothing may be acknowledged any more.
+                    raise
                 # Whatever the cause (full disk, a lock held too long, an I/O error), the
                 # batch in hand is kept and retried: for consume-on-read providers it
                 # exists nowhere else.
@@ -153,31 +151,48 @@ class SourceRuntime:
 
 def quarantine_record(source: str, endpoint: str, raw: Any, error: str) -> QuarantinedRecord:
     """Keep a bad provider record as close to its original bytes as we have it."""
-    if isinstance(raw, bytes):
+    if isinstance(raw, Unparsed):
+        data = raw.raw
+    elif isinstance(raw, bytes):
         data = raw
     elif isinstance(raw, str):
         data = raw.encode("utf-8", "surrogatepass")
     else:
-        try:
-            data = orjson.dumps(raw)
-        except TypeError:
-            data = repr(raw).encode()
+        data = dump_any(raw)
     return QuarantinedRecord(source=source, endpoint=endpoint, error=error[:500], raw=data)
 
 
 def normalize_batch(
-    source: str, endpoint: str, records: Sequence[Any], normalize: Callable[[Any], dict[str, Any]]
+    source: str, endpoint: str, records: Sequence[Any], normalize: Callable[[Any], dict[str, Any]],
+    *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> tuple[list[NewEvent], list[QuarantinedRecord]]:
-    """Every record either becomes an event or is quarantined with its error: none vanish."""
+    """Every record either becomes an event or is quarantined with its error: none vanish.
+
+    Each record is isolated (SPEC §4): whatever goes wrong with one — it did not
+    parse, a field has the wrong type, it is nested too deep to serialize, it is
+    larger than ``max_record_bytes`` — quarantines that record alone.
+    """
     events: list[NewEvent] = []
     quarantine: list[QuarantinedRecord] = []
     for record in records:
-        try:
-            event = normalize(record)
-        except (TypeError, ValueError) as exc:  # the parsers' BadRecord is a ValueError
-            quarantine.append(quarantine_record(source, endpoint, record, str(exc)))
+        if isinstance(record, Unparsed):
+            quarantine.append(quarantine_record(source, endpoint, record, record.error))
             continue
-        events.append(NewEvent.from_event(event))
+        try:
+            event = NewEvent.from_event(normalize(record))
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            if isinstance(exc, orjson.JSONEncodeError | RecursionError):
+                error = f"cannot serialize the event: {error}"
+            quarantine.append(quarantine_record(source, endpoint, record, error))
+            continue
+        if len(event.payload) > max_record_bytes:
+            quarantine.append(quarantine_record(
+                source, endpoint, record,
+                f"event of {len(event.payload)} bytes is larger than max_record_bytes"
+                f" ({max_record_bytes})"))
+            continue
+        events.append(event)
     if quarantine:
         log.warning("provider records quarantined", source=source, endpoint=endpoint,
                     count=len(quarantine), first_error=quarantine[0].error)
@@ -191,6 +206,17 @@ async def malformed_answer(runtime: SourceRuntime, source: str, endpoint: str, r
     await runtime.commit(source, endpoint, [],
                          quarantine=[quarantine_record(source, endpoint, raw, error)])
     await runtime.sleep(errors.transient(error))
+
+
+def request_outcome(source: str, endpoint: str, answer: Answer, records: Sequence[Any]) -> str:
+    """The ``outcome`` label of a usable answer: ``malformed`` (and a warning) when salvaged."""
+    if answer.body is None and answer.raw:
+        # Used record by record, but an operator must see that the answer was broken.
+        log.warning("answer did not parse as a whole: its records were recovered one by one",
+                    source=source, endpoint=endpoint, records=len(records),
+                    bytes=len(answer.raw))
+        return "malformed"
+    return "ok" if records else "empty"
 
 
 def observe_batch(source: str, endpoint: str, events: Sequence[NewEvent], fetched_at: int) -> float:
@@ -237,11 +263,12 @@ class LoopErrors:
         self._transient = Backoff(*transient)
         self._config = Backoff(*config)
 
-    def ok(self) -> None:
+    def ok(self, endpoint: str | None = None) -> None:
+        """A request succeeded (on ``endpoint``, when it is not the loop's own)."""
         self._transient.reset()
         self._config.reset()
         self.health.last_success = time.time()
-        metrics.SOURCE_LAST_SUCCESS.labels(self.source, self.endpoint).set(
+        metrics.SOURCE_LAST_SUCCESS.labels(self.source, endpoint or self.endpoint).set(
             self.health.last_success)
         if self.health.config_error:
             log.info("provider accepts the configuration again", source=self.source,

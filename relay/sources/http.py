@@ -1,9 +1,14 @@
 """One HTTP exchange with a provider, reduced to what the pollers decide on.
 
 Transport failures are classified here (connection refused / DNS / connect
-timeout never reached the provider; a read timeout or reset may have, after
-the provider did its work); status codes and bodies are left to each source,
-which knows its provider's error format. The provider's ``Date`` header is
+timeout never reached the provider; a read timeout, a reset or the total
+deadline may have, after the provider did its work; an answer past the size
+cap was produced by the provider, so it too may have taken its batch; the
+relay's own resource problems, such as running out of file descriptors, are
+neither); status codes and bodies are left to each source, which knows its
+provider's error format. Every request has a total deadline and every answer a
+size cap (:func:`relay.remote.fetch`); ``Retry-After`` is clamped
+(:func:`relay.remote.retry_after`). The provider's ``Date`` header is
 compared with the local clock: signatures and data-age figures need both to
 agree.
 """
@@ -17,15 +22,19 @@ from typing import Any
 
 import httpx
 import orjson
+from pydantic import Field
 
 from relay import metrics
-from relay.config_base import ComponentConfig, Duration
+from relay.config_base import ByteSize, ComponentConfig, Duration
 from relay.logs import get_logger
+from relay.remote import AnswerTooLarge, Reply, describe, fetch, local_failure, retry_after
 
 log = get_logger("relay.source.http")
 
 CONNECT = "connect_error"  # never reached the provider: safe to retry elsewhere at once
 TIMEOUT = "timeout"  # sent, answer lost: the provider may have acted on it
+TOO_LARGE = "too_large"  # the provider answered more than the cap: it may have acted on it
+LOCAL = "local_error"  # the relay's own problem (no file descriptors): not the provider's
 RESPONSE = "response"  # an HTTP answer arrived (any status)
 
 
@@ -35,6 +44,14 @@ class HttpSourceConfig(ComponentConfig):
     idle_interval: Duration = 1.0
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 30.0
+    # Connect, send and the whole body: a peer that drips a byte at a time cannot hold a
+    # request (and the endpoint's loop) for ever.
+    request_deadline: Duration = Field(default=60.0, gt=0)
+    max_answer_bytes: ByteSize = Field(default=64 * 1024 * 1024, gt=0)
+    # One record's event past this is quarantined, not delivered (Kafka's default limit is 1 MB).
+    max_record_bytes: ByteSize = Field(default=4 * 1024 * 1024, gt=0)
+    # A provider's Retry-After is obeyed up to this; RongCloud keeps data only 3 hours.
+    max_retry_after: Duration = 60.0
     config_error_backoff: Duration = 30.0
     config_error_backoff_max: Duration = 600.0
     transient_backoff: Duration = 0.5
@@ -45,7 +62,9 @@ class HttpSourceConfig(ComponentConfig):
     def client(self, source: str) -> ProviderClient:
         return ProviderClient(source, connect_timeout=self.connect_timeout,
                               read_timeout=self.read_timeout, verify_tls=self.verify_tls,
-                              max_clock_skew=self.max_clock_skew)
+                              max_clock_skew=self.max_clock_skew,
+                              deadline=self.request_deadline, max_bytes=self.max_answer_bytes,
+                              max_retry_after=self.max_retry_after)
 
 
 @dataclass
@@ -64,9 +83,13 @@ class Answer:
 
 class ProviderClient:
     def __init__(self, source: str, *, connect_timeout: float, read_timeout: float,
-                 verify_tls: bool, max_clock_skew: float = 30.0) -> None:
+                 verify_tls: bool, max_clock_skew: float = 30.0, deadline: float = 60.0,
+                 max_bytes: int = 64 * 1024 * 1024, max_retry_after: float = 60.0) -> None:
         self.source = source
         self.max_clock_skew = max_clock_skew
+        self.deadline = deadline
+        self.max_bytes = max_bytes
+        self.max_retry_after = max_retry_after
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             verify=verify_tls,
@@ -78,14 +101,25 @@ class ProviderClient:
 
     async def request(self, method: str, url: str, **kwargs: Any) -> Answer:
         try:
-            response = await self._client.request(method, url, **kwargs)
+            response = await fetch(self._client, method, url, deadline=self.deadline,
+                                   max_bytes=self.max_bytes, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            return Answer(CONNECT, detail=f"{type(exc).__name__}: {exc}")
+            local = local_failure(exc)
+            if local is not None:
+                return Answer(LOCAL, detail=local)
+            return Answer(CONNECT, detail=describe(exc))
+        except TimeoutError:
+            return Answer(TIMEOUT, detail=f"no whole answer within {self.deadline:g}s")
         except httpx.TimeoutException as exc:
             return Answer(TIMEOUT, detail=type(exc).__name__)
-        except httpx.TransportError as exc:
+        except AnswerTooLarge as exc:
+            return Answer(TOO_LARGE, detail=str(exc))
+        except (httpx.TransportError, OSError) as exc:
+            local = local_failure(exc)
+            if local is not None:
+                return Answer(LOCAL, detail=local)
             # Reset or protocol error after the request left.
-            return Answer(TIMEOUT, detail=f"{type(exc).__name__}: {exc}")
+            return Answer(TIMEOUT, detail=describe(exc))
         self._observe_clock(response)
         raw = response.content
         body: Any = None
@@ -95,15 +129,15 @@ class ProviderClient:
             except orjson.JSONDecodeError:
                 body = None
         return Answer(RESPONSE, status=response.status_code, body=body, raw=raw,
-                      retry_after=retry_after(response))
+                      retry_after=retry_after(response, self.max_retry_after))
 
-    def _observe_clock(self, response: httpx.Response) -> None:
+    def _observe_clock(self, response: Reply) -> None:
         date = response.headers.get("date")
         if not date:
             return
         try:
             server = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return
         skew = server - time.time()
         metrics.SOURCE_CLOCK_SKEW.labels(self.source).set(skew)
@@ -118,18 +152,3 @@ class ProviderClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds (delta or HTTP date), if present and sane."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value).timestamp()
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when - time.time())

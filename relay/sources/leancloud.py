@@ -9,7 +9,7 @@ cursor) it begins ``start`` back (default 24 h; ``earliest`` = all history).
 
 The request quota is shared with the application's own API calls, so the
 relay keeps under ``requests_per_minute`` instead of discovering the quota by
-hitting it; a 429 still backs off (``Retry-After``, clamped to ``retry_after_max``, or
+hitting it; a 429 still backs off (``Retry-After``, clamped to ``max_retry_after``, or
 about a minute), and every other call on the same app (``relay evacuate``'s lists and
 per-conversation reads) waits out the same penalty.
 Auth: ``X-LC-Id`` and ``X-LC-Sign: md5(timestamp_ms + master_key),timestamp_ms,master``
@@ -29,12 +29,13 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from relay import metrics
+from relay.checks import CheckResult
 from relay.config_base import ByteSize, Duration, HttpUrl, parse_point_in_time
 from relay.journal import LedgerBatch, LedgerEntry, NewEvent, QuarantinedRecord
 from relay.logs import get_logger
+from relay.remote import display_url
 from relay.sources import http
 from relay.sources.base import (
-    CheckResult,
     LoopErrors,
     SourceHealth,
     SourceRuntime,
@@ -42,11 +43,13 @@ from relay.sources.base import (
     normalize_batch,
     now_ms,
     observe_batch,
+    request_outcome,
 )
 from relay.sources.budget import RequestBudget
 from relay.sources.http import Answer, HttpSourceConfig, ProviderClient
 from relay.sources.leancloud_api import LeanCloudApi, Throttle, clamp_remote_delay
 from relay.sources.leancloud_records import BadRecord, cursor_of, normalize, parse_answer
+from relay.sources.salvage import salvage, without_cut_off_tail
 
 log = get_logger("relay.source.leancloud")
 
@@ -83,7 +86,6 @@ class LeanCloudSourceConfig(HttpSourceConfig):
     limit: int = Field(default=1000, ge=1, le=1000)
     requests_per_minute: int = Field(default=120, ge=1, le=9000)
     throttle_backoff: Duration = 60.0
-    retry_after_max: Duration = 300.0
     evacuation: EvacuationSettings = Field(default_factory=EvacuationSettings)
 
     @field_validator("start")
@@ -151,7 +153,7 @@ class LeanCloudSource:
         try:
             yield LeanCloudApi(c.base_url, self._headers, client, self.budget(runtime),
                                self.throttle, throttle_backoff=c.throttle_backoff,
-                               retry_after_max=c.retry_after_max, on_request=on_request)
+                               retry_after_max=c.max_retry_after, on_request=on_request)
         finally:
             await client.aclose()
 
@@ -196,6 +198,7 @@ class LeanCloudSource:
             cursor = (start_ms(c.start, now_ms()), None)
             log.info("first start: reading history", source=self.name, start=c.start)
         labels = (self.name, ENDPOINT)
+        limit = c.limit
         self._client = c.client(self.name)
         try:
             while not runtime.stopping.is_set():
@@ -207,7 +210,7 @@ class LeanCloudSource:
                     await runtime.sleep(c.idle_interval)
                     continue
                 params = {"reversed": "true", "timestamp": str(cursor[0]),
-                          "till_timestamp": str(till), "limit": str(c.limit)}
+                          "till_timestamp": str(till), "limit": str(limit)}
                 if cursor[1] is not None:
                     params["msgid"] = cursor[1]
                 await self.throttle.wait(runtime.stopping)
@@ -218,6 +221,13 @@ class LeanCloudSource:
                         break
                     answer = await self._get(params)
                 fetched_at = now_ms()
+                if answer.kind == http.TOO_LARGE and limit > 1:
+                    # History is not consumed by reading: ask for fewer at a time.
+                    limit = max(1, limit // 2)
+                    metrics.SOURCE_REQUESTS.labels(*labels, "too_large").inc()
+                    log.warning("history page larger than max_answer_bytes: asking for fewer",
+                                source=self.name, limit=limit)
+                    continue
                 delay = self._classify(answer, errors)
                 if tracker is not None:
                     tracker.requested("ok" if delay is None else
@@ -225,15 +235,21 @@ class LeanCloudSource:
                 if delay is not None:
                     await runtime.sleep(delay)
                     continue
-                try:
-                    records = parse_answer(answer.body)
-                except BadRecord as exc:
-                    await malformed_answer(runtime, self.name, ENDPOINT, answer.raw, str(exc),
-                                           errors)
+                records = self._records(answer)
+                if records is None:
+                    await malformed_answer(runtime, self.name, ENDPOINT, answer.raw,
+                                           "answer is not a JSON array", errors)
                     continue
-                metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
+                outcome = request_outcome(*labels, answer, records)
+                metrics.SOURCE_REQUESTS.labels(*labels, outcome).inc()
                 errors.ok()
-                positions = [p for p in (cursor_of(r) for r in records) if p is not None]
+                limit = min(c.limit, limit * 2)
+                # The server's order decides what "after" means: continue from its last
+                # record, but never backwards (a loop) nor past what was asked for (a record
+                # claiming a time beyond `till` must not skip the messages before it).
+                after = (cursor[0], cursor[1] or "")
+                positions = [p for p in (cursor_of(r) for r in records)
+                             if p is not None and after < p and p[0] <= till]
                 if not positions:
                     if records:
                         log.error("history page without a usable (timestamp, msg-id):"
@@ -244,11 +260,11 @@ class LeanCloudSource:
                             tracker.read_up_to(till)
                         await runtime.sleep(c.idle_interval)
                     continue
-                # The server's order decides what "after" means: continue from its last record.
                 new_cursor = positions[-1]
                 events, quarantine = normalize_batch(
                     self.name, ENDPOINT, records,
-                    partial(normalize, source=self.name, fetched_at=fetched_at))
+                    partial(normalize, source=self.name, fetched_at=fetched_at),
+                    max_record_bytes=c.max_record_bytes)
                 cursors = {self.cursor_key: orjson.dumps(new_cursor).decode()}
                 ledger: LedgerBatch | None = None
                 if tracker is not None:
@@ -263,7 +279,7 @@ class LeanCloudSource:
                 observe_batch(self.name, ENDPOINT, events, fetched_at)
                 if tracker is not None and ledger is not None:
                     tracker.committed(ledger.entries, new_cursor)
-                if len(records) < c.limit:
+                if len(records) < limit:
                     if tracker is not None:
                         tracker.read_up_to(till)
                     await runtime.sleep(c.idle_interval)
@@ -272,15 +288,30 @@ class LeanCloudSource:
             await self._client.aclose()
             self._client = None
 
+    @staticmethod
+    def _records(answer: Answer) -> list[Any] | None:
+        if answer.body is None and answer.raw:
+            # One hostile record must not cost the page: salvage the others. A cut-off
+            # page is safe to take in part (the cursor moves only past what arrived).
+            salvaged = salvage(answer.raw)
+            return without_cut_off_tail(salvaged) if salvaged is not None else None
+        try:
+            return parse_answer(answer.body)
+        except BadRecord:
+            return None
+
     def _classify(self, answer: Answer, errors: LoopErrors) -> float | None:
         labels = (self.name, ENDPOINT)
+        if answer.kind == http.LOCAL:
+            metrics.SOURCE_REQUESTS.labels(*labels, answer.kind).inc()
+            return errors.transient(answer.detail, level="error")
         if answer.kind != http.RESPONSE:
             metrics.SOURCE_REQUESTS.labels(*labels, answer.kind).inc()
             return errors.transient(f"{answer.kind}: {answer.detail}")
         if answer.status == 429:
             metrics.SOURCE_REQUESTS.labels(*labels, "throttled").inc()
             delay = clamp_remote_delay(answer.retry_after, self.config.throttle_backoff,
-                                       self.config.retry_after_max)
+                                       self.config.max_retry_after)
             self.throttle.penalize(delay)
             log.warning("LeanCloud quota exceeded (shared with the application's own calls):"
                         " backing off", source=self.name, wait_seconds=round(delay, 1))
@@ -288,7 +319,7 @@ class LeanCloudSource:
         if answer.status in (401, 403):
             metrics.SOURCE_REQUESTS.labels(*labels, "config_error").inc()
             return errors.config_error(f"HTTP {answer.status} {_error_text(answer.body)}")
-        if 400 <= answer.status < 500:
+        if 300 <= answer.status < 500:
             metrics.SOURCE_REQUESTS.labels(*labels, "config_error").inc()
             return errors.config_error(f"HTTP {answer.status} {_error_text(answer.body)}")
         if answer.status >= 300:
@@ -304,7 +335,7 @@ class LeanCloudSource:
         finally:
             await self._client.aclose()
             self._client = None
-        target = f"{self.config.base_url}{PATH}"
+        target = f"{display_url(self.config.base_url)}{PATH}"
         if answer.kind != http.RESPONSE:
             return [CheckResult(f"source {self.name}", target, False,
                                 f"unreachable: {answer.detail}")]

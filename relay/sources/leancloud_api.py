@@ -9,7 +9,6 @@ back-off, so the evacuation as a whole stays under one budget.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import anyio
 
 from relay.logs import get_logger
+from relay.remote import clamp_remote_duration
 from relay.sources import http
 from relay.sources.budget import RequestBudget
 from relay.sources.http import Answer, ProviderClient
@@ -30,14 +30,10 @@ HISTORY_LIMIT = 1000
 
 
 def clamp_remote_delay(value: float | None, default: float, maximum: float) -> float:
-    """A wait named by the remote side (Retry-After), within reason.
-
-    Missing, non-finite or negative values mean ``default``; anything longer
-    than ``maximum`` is cut to it. (One function so a shared helper can replace it.)
-    """
-    if value is None or not math.isfinite(value) or value < 0:
-        return min(default, maximum)
-    return min(value, maximum)
+    """A wait named by the remote side (Retry-After), within reason: the shared clamp,
+    with ``default`` where the value is missing or unusable."""
+    clamped = clamp_remote_duration(value, maximum)
+    return min(default, maximum) if clamped is None else clamped
 
 
 class Throttle:

@@ -2,14 +2,22 @@
 
 A record: ``timestamp`` (ms), ``conv-id``, ``data``, ``from``, ``msg-id``,
 ``is-conv``, ``is-room``, ``to``, ``bin``, ``from-ip``. ``data`` is text —
-often a rich message (JSON with ``_lctype``) — or base64 when ``bin`` is true.
+often a rich message (JSON with ``_lctype``) — or base64 when ``bin`` is true,
+decoded by the one content rule (SPEC §3): JSON, else UTF-8 text, else base64.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from relay.event import ChannelType, ContentEncoding, JSONValue, build_event, content_from_text
+from relay.event import (
+    ChannelType,
+    ContentEncoding,
+    JSONValue,
+    build_event,
+    content_from_base64,
+    content_from_text,
+)
 
 
 class BadRecord(ValueError):
@@ -58,7 +66,10 @@ def normalize(record: Any, *, source: str, fetched_at: int) -> dict[str, Any]:
     elif not isinstance(data, str):
         raise BadRecord("data is not a string")
     elif record.get("bin") is True:
-        content, encoding = data, "base64"
+        try:
+            content, encoding = content_from_base64(data)
+        except ValueError as exc:
+            raise BadRecord(f"data (bin: true): {exc}") from None
     else:
         content, encoding = content_from_text(data)
     type_ = ""

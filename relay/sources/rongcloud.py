@@ -28,15 +28,17 @@ from functools import partial
 from typing import Any, Literal
 
 import anyio
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from relay import metrics
+from relay.checks import CheckResult
 from relay.config_base import Duration, HttpUrl
 from relay.journal import NewEvent, QuarantinedRecord
 from relay.logs import get_logger
+from relay.metrics import RequestOutcome
+from relay.remote import display_url
 from relay.sources import http
 from relay.sources.base import (
-    CheckResult,
     LoopErrors,
     SourceHealth,
     SourceRuntime,
@@ -47,6 +49,7 @@ from relay.sources.base import (
 )
 from relay.sources.http import HttpSourceConfig, ProviderClient
 from relay.sources.rongcloud_records import BadRecord, normalize, parse_items
+from relay.sources.salvage import salvage
 
 log = get_logger("relay.source.rongcloud")
 
@@ -74,27 +77,38 @@ class RongCloudSourceConfig(HttpSourceConfig):
 
 
 
-class _Outcome:
-    """How one request went (the poller decides what to do next)."""
+    @model_validator(mode="after")
+    def _retry_after_within_retention(self) -> RongCloudSourceConfig:
+        # A provider's Retry-After must never leave an endpoint unpolled near the retention.
+        if self.max_retry_after > self.retention / 10:
+            raise ValueError("max_retry_after: must be at most a tenth of retention")
+        return self
 
-    OK = "ok"
-    EMPTY = "empty"
-    CONFIG = "config_error"
-    THROTTLED = "throttled"
-    TRANSIENT = "transient_error"
-    CONNECT = "connect_error"
-    TIMEOUT = "timeout"
-    MALFORMED = "malformed"
+
+Outcome = RequestOutcome
 
 
 @dataclass
 class _Answer:
-    outcome: str
+    outcome: Outcome
     body: Any = None
     raw: bytes = b""
     detail: str = ""
     retry_after: float | None = None
     url_index: int = 0
+    salvaged: bool = False  # did not parse as a whole: its records were recovered one by one
+    partial: bool = False  # salvaged from an answer that ended early: the rest may be lost
+
+
+@dataclass
+class _LoopState:
+    """What one endpoint's loop remembers between requests."""
+
+    connect_failures: int = 0
+    read_failures: int = 0
+    last_nonempty: bool = False
+    last_cursor_write: float = 0.0
+    last_age_warning: float = 0.0
 
 
 class RongCloudSource:
@@ -140,7 +154,7 @@ class RongCloudSource:
         self._url_index = (self._url_index + 1) % len(self.config.base_urls)
         metrics.SOURCE_FAILOVERS.labels(self.name).inc()
         log.warning("failing over to the next base URL", source=self.name, reason=reason,
-                    previous=old, current=self.base_url)
+                    previous=display_url(old), current=display_url(self.base_url))
 
     # -- one request -------------------------------------------------------
 
@@ -153,27 +167,34 @@ class RongCloudSource:
     async def _post_to(self, url: str, data: dict[str, str] | None) -> _Answer:
         assert self._client is not None
         answer = await self._client.request("POST", url, headers=self._headers(), data=data)
-        if answer.kind == http.CONNECT:
-            return _Answer(_Outcome.CONNECT, detail=answer.detail)
-        if answer.kind == http.TIMEOUT:
-            return _Answer(_Outcome.TIMEOUT, detail=answer.detail)
+        if answer.kind != http.RESPONSE:
+            return _Answer(_TRANSPORT_OUTCOMES[answer.kind], detail=answer.detail)
         body, raw, status = answer.body, answer.raw, answer.status
         code = body.get("code") if isinstance(body, dict) else None
         message = body.get("errorMessage", "") if isinstance(body, dict) else ""
         if status == 429 or code in THROTTLE_CODES:
-            return _Answer(_Outcome.THROTTLED, detail=f"HTTP {status} code {code}",
+            return _Answer(Outcome.THROTTLED, detail=f"HTTP {status} code {code}",
                            retry_after=answer.retry_after)
         if code in CONFIG_ERROR_CODES or status in (401, 403):
-            return _Answer(_Outcome.CONFIG, detail=f"HTTP {status} code {code}: {message}")
+            return _Answer(Outcome.CONFIG, detail=f"HTTP {status} code {code}: {message}")
         if status >= 500:
-            return _Answer(_Outcome.TRANSIENT, raw=raw, detail=f"HTTP {status} code {code}")
-        if status >= 400:
-            return _Answer(_Outcome.CONFIG, detail=f"HTTP {status} code {code}: {message}")
+            return _Answer(Outcome.TRANSIENT, raw=raw, detail=f"HTTP {status} code {code}")
+        if status >= 300:
+            # Redirects are not followed (a signed request must not go elsewhere): the base
+            # URL is wrong, which an operator must fix.
+            return _Answer(Outcome.CONFIG, detail=f"HTTP {status} code {code}: {message}")
+        if body is None and raw:
+            # One hostile record can make the whole answer unparseable: keep the others.
+            salvaged = salvage(raw, "results")
+            if salvaged is not None:
+                return _Answer(Outcome.OK, body={"results": salvaged.records}, raw=raw,
+                               salvaged=True, partial=not salvaged.complete,
+                               detail="" if salvaged.complete else "answer ended early")
         if not isinstance(body, dict):
-            return _Answer(_Outcome.MALFORMED, raw=raw, detail="answer is not a JSON object")
+            return _Answer(Outcome.MALFORMED, raw=raw, detail="answer is not a JSON object")
         if code is not None and code != 200 and "results" not in body:
-            return _Answer(_Outcome.TRANSIENT, detail=f"code {code}: {message}")
-        return _Answer(_Outcome.OK, body=body, raw=raw)
+            return _Answer(Outcome.TRANSIENT, detail=f"code {code}: {message}")
+        return _Answer(Outcome.OK, body=body, raw=raw)
 
     # -- the polling loops -------------------------------------------------
 
@@ -232,11 +253,7 @@ class RongCloudSource:
                             transient=(c.transient_backoff, c.transient_backoff_max),
                             config=(c.config_error_backoff, c.config_error_backoff_max))
         path = f"/rtmsg/{endpoint}/qrymsg.json"
-        connect_failures = 0
-        read_failures = 0
-        last_nonempty = False
-        last_cursor_write = 0.0
-        last_age_warning = 0.0
+        state = _LoopState()
         labels = (self.name, endpoint)
         while not runtime.stopping.is_set():
             await runtime.wait_for_space(self.name)
@@ -249,86 +266,97 @@ class RongCloudSource:
                     break
                 answer = await self._post(path)
             fetched_at = now_ms()
-            metrics.SOURCE_REQUESTS.labels(
-                *labels, _Outcome.EMPTY if _is_empty(answer) else answer.outcome
-            ).inc()
-
-            if answer.outcome == _Outcome.OK:
-                connect_failures = read_failures = 0
-                events, quarantine = self._normalize(answer.body, endpoint, fetched_at)
-                cursors = None
-                mono = time.monotonic()
-                if events or quarantine or mono - last_cursor_write > 10:
-                    cursors = {self._cursor_key(endpoint): str(fetched_at)}
-                    last_cursor_write = mono
-                if events or quarantine or cursors:
-                    result = await runtime.commit(
-                        self.name, endpoint, events, cursors=cursors, quarantine=quarantine
-                    )
-                    if result is None:
-                        metrics.SOURCE_POSSIBLE_LOSS.labels(*labels).inc()
-                        break
-                errors.ok()
-                if events:
-                    age = observe_batch(self.name, endpoint, events, fetched_at)
-                    if age > c.warn_age and time.monotonic() - last_age_warning > 60:
-                        last_age_warning = time.monotonic()
-                        log.warning(
-                            "fetched data is old: the provider drops it after its retention",
-                            source=self.name, endpoint=endpoint, age_seconds=round(age),
-                            retention_seconds=c.retention,
-                        )
-                elif answer.body.get("results") == [] and not quarantine:
-                    if last_nonempty:
-                        metrics.SOURCE_SUSPECTED_THROTTLED.labels(*labels).inc()
-                    metrics.SOURCE_DATA_AGE.labels(*labels).set(0)
-                nonempty = bool(events or quarantine)
-                last_nonempty = nonempty
-                if not nonempty:
-                    await runtime.sleep(c.idle_interval)
-                continue
-
-            last_nonempty = False
-            if answer.outcome == _Outcome.CONNECT:
-                connect_failures += 1
-                log.warning("cannot connect to the provider", source=self.name,
-                            endpoint=endpoint, base_url=self.base_url, error=answer.detail)
-                self._failover("connection error", answer.url_index)
-                if connect_failures >= len(c.base_urls):
-                    await runtime.sleep(errors.transient_delay())
-                continue
-            if answer.outcome in (_Outcome.TIMEOUT, _Outcome.TRANSIENT, _Outcome.MALFORMED):
-                read_failures += 1
-                self._possible_loss(runtime, endpoint, answer)
-                if answer.outcome == _Outcome.MALFORMED:
-                    # Keep the raw answer: whatever it held is recoverable from there.
-                    await runtime.commit(
-                        self.name, endpoint, [],
-                        quarantine=[quarantine_record(self.name, endpoint, answer.raw,
-                                                      answer.detail)],
-                    )
-                if read_failures >= c.failover_after:
-                    read_failures = 0
-                    self._failover(f"{c.failover_after} failed answers in a row",
-                                   answer.url_index)
-                await runtime.sleep(errors.transient_delay())
-                continue
-            if answer.outcome == _Outcome.THROTTLED:
-                delay = answer.retry_after or max(c.budget_window, errors.transient_delay())
-                log.warning("provider reports throttling", source=self.name, endpoint=endpoint,
-                            detail=answer.detail, wait_seconds=delay)
-                await runtime.sleep(delay)
-                continue
-            # Configuration problem: alert and back off slowly, never spin.
-            await runtime.sleep(errors.config_error(answer.detail))
+            metrics.SOURCE_REQUESTS.labels(*labels, _outcome_label(answer)).inc()
+            if answer.outcome == Outcome.OK:
+                delay = await self._take(runtime, endpoint, answer, fetched_at, state, errors)
+                if delay is None:
+                    break  # shutting down with a batch that could not be journaled
+            else:
+                state.last_nonempty = False
+                delay = await self._failed(runtime, endpoint, answer, state, errors)
+            await runtime.sleep(delay)
         health.polling = False
 
-    def _possible_loss(self, runtime: SourceRuntime, endpoint: str, answer: _Answer) -> None:
+    async def _take(self, runtime: SourceRuntime, endpoint: str, answer: _Answer,
+                    fetched_at: int, state: _LoopState, errors: LoopErrors) -> float | None:
+        """Journal an answer; returns how long to wait before the next request."""
+        c = self.config
+        labels = (self.name, endpoint)
+        state.connect_failures = state.read_failures = 0
+        if answer.partial:
+            self._possible_loss(endpoint, answer)
+        elif answer.salvaged:
+            log.warning("answer did not parse as a whole: its records were recovered one by one",
+                        source=self.name, endpoint=endpoint, bytes=len(answer.raw))
+        events, quarantine = self._normalize(answer.body, endpoint, fetched_at)
+        cursors = None
+        mono = time.monotonic()
+        if events or quarantine or mono - state.last_cursor_write > 10:
+            cursors = {self._cursor_key(endpoint): str(fetched_at)}
+            state.last_cursor_write = mono
+        if events or quarantine or cursors:
+            result = await runtime.commit(self.name, endpoint, events, cursors=cursors,
+                                          quarantine=quarantine)
+            if result is None:
+                metrics.SOURCE_POSSIBLE_LOSS.labels(*labels).inc()
+                return None
+        errors.ok()
+        if events:
+            age = observe_batch(self.name, endpoint, events, fetched_at)
+            if age > c.warn_age and mono - state.last_age_warning > 60:
+                state.last_age_warning = mono
+                log.warning("fetched data is old: the provider drops it after its retention",
+                            source=self.name, endpoint=endpoint, age_seconds=round(age),
+                            retention_seconds=c.retention)
+        elif not quarantine:
+            if state.last_nonempty:
+                metrics.SOURCE_SUSPECTED_THROTTLED.labels(*labels).inc()
+            metrics.SOURCE_DATA_AGE.labels(*labels).set(0)
+        state.last_nonempty = bool(events or quarantine)
+        # A non-empty answer means backlog: ask again as soon as the budget allows.
+        return 0.0 if state.last_nonempty else c.idle_interval
+
+    async def _failed(self, runtime: SourceRuntime, endpoint: str, answer: _Answer,
+                      state: _LoopState, errors: LoopErrors) -> float:
+        """React to a failed request; returns how long to wait before the next one."""
+        c = self.config
+        if answer.outcome == Outcome.CONNECT:
+            state.connect_failures += 1
+            log.warning("cannot connect to the provider", source=self.name, endpoint=endpoint,
+                        base_url=display_url(self.base_url), error=answer.detail)
+            self._failover("connection error", answer.url_index)
+            # Every base URL tried in turn: only then back off.
+            return errors.transient_delay() if state.connect_failures >= len(c.base_urls) \
+                else 0.0
+        if answer.outcome == Outcome.LOCAL:
+            # Not the provider's fault: failing over would not help and hide the cause.
+            return errors.transient(answer.detail, level="error")
+        if answer.outcome in _MAY_HAVE_CONSUMED:
+            state.read_failures += 1
+            self._possible_loss(endpoint, answer)
+            if answer.outcome == Outcome.MALFORMED:
+                # Keep the raw answer: whatever it held is recoverable from there.
+                await runtime.commit(self.name, endpoint, [], quarantine=[
+                    quarantine_record(self.name, endpoint, answer.raw, answer.detail)])
+            if state.read_failures >= c.failover_after:
+                state.read_failures = 0
+                self._failover(f"{c.failover_after} failed answers in a row", answer.url_index)
+            return errors.transient_delay()
+        if answer.outcome == Outcome.THROTTLED:
+            delay = answer.retry_after if answer.retry_after is not None else \
+                max(c.budget_window, errors.transient_delay())
+            log.warning("provider reports throttling", source=self.name, endpoint=endpoint,
+                        detail=answer.detail, wait_seconds=round(delay, 2))
+            return delay
+        # Configuration problem: alert and back off slowly, never spin.
+        return errors.config_error(answer.detail)
+
+    def _possible_loss(self, endpoint: str, answer: _Answer) -> None:
         metrics.SOURCE_POSSIBLE_LOSS.labels(self.name, endpoint).inc()
         log.error(
             "answer not fully received from a consume-on-read endpoint: its messages may be lost",
-            source=self.name, endpoint=endpoint, outcome=answer.outcome, detail=answer.detail,
-            base_url=self.base_url,
+            source=self.name, endpoint=endpoint, outcome=str(answer.outcome),
+            detail=answer.detail, base_url=display_url(self.base_url),
         )
 
     def _normalize(
@@ -340,7 +368,8 @@ class RongCloudSource:
             return [], [quarantine_record(self.name, endpoint, body, str(exc))]
         events, quarantine = normalize_batch(
             self.name, endpoint, records,
-            partial(normalize, source=self.name, endpoint=endpoint, fetched_at=fetched_at))
+            partial(normalize, source=self.name, endpoint=endpoint, fetched_at=fetched_at),
+            max_record_bytes=self.config.max_record_bytes)
         quarantine += [quarantine_record(self.name, endpoint, raw, error) for raw, error in bad]
         return events, quarantine
 
@@ -354,13 +383,13 @@ class RongCloudSource:
             for index, url in enumerate(self.config.base_urls):
                 self._url_index = index
                 answer = await self._post("/user/info.json", {"userId": "im-relay-check"})
-                target = f"{url} (signed /user/info.json)"
-                ok = answer.outcome == _Outcome.OK
-                if answer.outcome == _Outcome.CONFIG:
+                target = f"{display_url(url)} (signed /user/info.json)"
+                ok = answer.outcome == Outcome.OK
+                if answer.outcome == Outcome.CONFIG:
                     detail = f"credentials rejected: {answer.detail}"
-                elif answer.outcome == _Outcome.CONNECT:
+                elif answer.outcome == Outcome.CONNECT:
                     detail = f"unreachable: {answer.detail}"
-                elif answer.outcome == _Outcome.OK:
+                elif answer.outcome == Outcome.OK:
                     detail = "reachable, signature accepted"
                 else:
                     detail = f"{answer.outcome}: {answer.detail}"
@@ -372,9 +401,23 @@ class RongCloudSource:
         return results
 
 
+_TRANSPORT_OUTCOMES = {http.CONNECT: Outcome.CONNECT, http.TIMEOUT: Outcome.TIMEOUT,
+                       http.TOO_LARGE: Outcome.TOO_LARGE, http.LOCAL: Outcome.LOCAL}
+# Failures after the request reached the provider: a consume-on-read query may have taken
+# its batch with it.
+_MAY_HAVE_CONSUMED = frozenset({Outcome.TIMEOUT, Outcome.TRANSIENT, Outcome.MALFORMED,
+                                Outcome.TOO_LARGE})
+
+
+def _outcome_label(answer: _Answer) -> Outcome:
+    if answer.salvaged:
+        return Outcome.MALFORMED  # used, but an operator must see that the answer was broken
+    return Outcome.EMPTY if _is_empty(answer) else answer.outcome
+
+
 def _is_empty(answer: _Answer) -> bool:
     return (
-        answer.outcome == _Outcome.OK
+        answer.outcome == Outcome.OK
         and isinstance(answer.body, dict)
         and answer.body.get("results") == []
     )

@@ -19,6 +19,7 @@ from relay.event import (
     content_from_value,
     derived_native_id,
 )
+from relay.sources.salvage import Unparsed
 
 CHANNEL_TYPES: dict[str, ChannelType] = {
     "PERSON": "direct",
@@ -50,6 +51,11 @@ DEFAULT_CHANNEL: dict[str, ChannelType] = {
 }
 
 
+def _decimal(text: str) -> bool:
+    """An ASCII decimal of at most 19 digits (``str.isdigit`` accepts "²", which int() refuses)."""
+    return 0 < len(text) <= 19 and text.isascii() and text.isdigit()
+
+
 class BadRecord(ValueError):
     """A record that cannot be normalized; it is quarantined, not dropped."""
 
@@ -62,6 +68,9 @@ def parse_items(body: Any) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]
     records: list[dict[str, Any]] = []
     bad: list[tuple[Any, str]] = []
     for item in results:
+        if isinstance(item, Unparsed):
+            bad.append((item, item.error))
+            continue
         if isinstance(item, str):
             try:
                 item = orjson.loads(item)
@@ -91,7 +100,7 @@ def _millis(record: dict[str, Any]) -> int:
         value = record.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and _decimal(value):
             return int(value)
         if value is not None:
             raise BadRecord(f"{key} is not a millisecond timestamp")
@@ -113,7 +122,7 @@ def normalize(
     if recipient.__class__ is not str:
         recipient = _text(record, "toUserId")
     stamp = record.get("msgTimestamp")
-    sent_at = int(stamp) if stamp.__class__ is str and stamp.isdigit() else _millis(record)
+    sent_at = int(stamp) if stamp.__class__ is str and _decimal(stamp) else _millis(record)
     object_name = record.get("objectName")
     if object_name.__class__ is not str:
         object_name = _text(record, "objectName", required=False)

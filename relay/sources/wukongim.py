@@ -20,14 +20,16 @@ from functools import partial
 from typing import Any, Literal
 
 import anyio
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from relay import metrics
+from relay.checks import CheckResult
 from relay.config_base import HttpUrl
 from relay.logs import get_logger
+from relay.remote import display_url
 from relay.sources import http
 from relay.sources.base import (
-    CheckResult,
     LoopErrors,
     SourceHealth,
     SourceRuntime,
@@ -35,10 +37,14 @@ from relay.sources.base import (
     normalize_batch,
     now_ms,
     observe_batch,
+    request_outcome,
 )
 from relay.sources.http import Answer, HttpSourceConfig, ProviderClient
+from relay.sources.salvage import salvage, without_cut_off_tail
 from relay.sources.wukongim_records import (
     BadRecord,
+    ChannelSeqs,
+    ack_seq,
     encode_error,
     message_seq,
     normalize,
@@ -63,7 +69,9 @@ class WuKongIMSourceConfig(HttpSourceConfig):
     uids: list[str] = Field(default_factory=list)
     channels: list[ChannelSpec] = Field(default_factory=list)
     login_uid: str = "relay"
-    sync_limit: int = Field(default=500, ge=1, le=10_000)
+    # Large on purpose: a real server that returns fewer conversations than it holds
+    # loses the ones past the limit for good (WUKONGIM-SERVER.md, "the limit bug").
+    sync_limit: int = Field(default=10_000, ge=1, le=10_000)
     channel_limit: int = Field(default=500, ge=1, le=10_000)
 
 
@@ -102,6 +110,8 @@ class WuKongIMSource:
         return delay
 
     def _failure_delay(self, answer: Answer, errors: LoopErrors) -> float | None:
+        if answer.kind == http.LOCAL:
+            return errors.transient(answer.detail, level="error")
         if answer.kind != http.RESPONSE:
             return errors.transient(f"{answer.kind}: {answer.detail}")
         if answer.status in (401, 403):
@@ -109,7 +119,11 @@ class WuKongIMSource:
         if answer.status == 400:
             return errors.config_error(f"HTTP 400 {encode_error(answer.body)}")
         if answer.status == 429:
-            return answer.retry_after or errors.transient("HTTP 429")
+            return answer.retry_after if answer.retry_after is not None \
+                else errors.transient("HTTP 429")
+        if 300 <= answer.status < 400:
+            return errors.config_error(f"HTTP {answer.status}: redirected (redirects are not"
+                                       " followed): check base_url")
         if answer.status >= 300:
             return errors.transient(f"HTTP {answer.status} {encode_error(answer.body)}")
         return None
@@ -141,45 +155,65 @@ class WuKongIMSource:
         endpoint = "sync"
         errors = self._errors(runtime, endpoint, f"sync:{uid}")
         labels = (self.name, endpoint)
+        limit = self.config.sync_limit
+        seqs_key = f"{self.name}:sync:{uid}:seqs"
+        stored = (await runtime.journal.get_cursors(seqs_key)).get(seqs_key)
+        channel_seqs = ChannelSeqs(self.name, uid, orjson.loads(stored) if stored else None)
         while not runtime.stopping.is_set():
             await runtime.wait_for_space(self.name)
             if runtime.stopping.is_set():
                 break
-            answer = await self._call("/message/sync",
-                                      {"uid": uid, "limit": self.config.sync_limit})
+            answer = await self._call("/message/sync", {"uid": uid, "limit": limit})
             fetched_at = now_ms()
             delay = self._classify(answer, errors, endpoint)
             if delay is not None:
                 await runtime.sleep(delay)
                 continue
-            try:
-                records = parse_sync_answer(answer.body)
-            except BadRecord as exc:
+            records = self._sync_records(answer)
+            if records is None:
                 # Nothing is acknowledged: the server will send the same batch again.
-                await malformed_answer(runtime, self.name, endpoint, answer.raw, str(exc),
-                                       errors)
+                await malformed_answer(runtime, self.name, endpoint, answer.raw,
+                                       "sync answer is not a (whole) JSON array", errors)
                 continue
-            metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
+            metrics.SOURCE_REQUESTS.labels(*labels, request_outcome(*labels, answer, records)).inc()
             errors.ok()
             if not records:
                 await runtime.sleep(self.config.idle_interval)
                 continue
+            if len(records) >= limit:
+                log.warning("sync came back full: the server may skip conversations past the"
+                            " limit for good; keep sync_limit large", source=self.name, uid=uid,
+                            limit=limit)
             events, quarantine = normalize_batch(
                 self.name, endpoint, records,
-                partial(normalize, source=self.name, kind="command", fetched_at=fetched_at))
+                partial(normalize, source=self.name, kind="command", fetched_at=fetched_at,
+                        uid=uid), max_record_bytes=self.config.max_record_bytes)
+            moved = channel_seqs.observe(records)
+            cursors = {f"{self.name}:sync:{uid}:last_ms": str(fetched_at)}
+            if moved:
+                cursors[seqs_key] = channel_seqs.encode()
             result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
-                                          cursors={f"{self.name}:sync:{uid}:last_ms":
-                                                   str(fetched_at)})
+                                          cursors=cursors)
             if result is None:
                 break  # shutting down with the batch uncommitted: it stays unacknowledged
             observe_batch(self.name, endpoint, events, fetched_at)
-            seqs = [s for s in (message_seq(r) for r in records) if s is not None]
-            if not seqs:
-                log.error("sync batch has no usable message_seq: cannot acknowledge it",
-                          source=self.name, uid=uid, records=len(records))
-                await runtime.sleep(errors.transient("no message_seq to acknowledge"))
-                continue
-            await self._ack(runtime, uid, max(seqs), errors)
+            await self._ack(runtime, uid, ack_seq(records, answer.raw), errors)
+            if result.new == 0:
+                # Nothing new: the server sent back what was already journaled (its acks do
+                # nothing for the first minute of a new conversation). Re-syncing at once
+                # would get the same batch again and again.
+                await runtime.sleep(self.config.idle_interval)
+
+    @staticmethod
+    def _sync_records(answer: Answer) -> list[Any] | None:
+        """The sync answer's records; None when it is not a whole array (never acknowledged)."""
+        if answer.body is None and answer.raw:
+            salvaged = salvage(answer.raw)
+            return salvaged.records if salvaged is not None and salvaged.complete else None
+        try:
+            return parse_sync_answer(answer.body)
+        except BadRecord:
+            return None
 
     async def _ack(self, runtime: SourceRuntime, uid: str, seq: int, errors: LoopErrors) -> None:
         """Acknowledge a committed batch; retried, since acking twice is harmless."""
@@ -188,6 +222,7 @@ class WuKongIMSource:
             delay = self._classify(answer, errors, "syncack")
             if delay is None:
                 metrics.SOURCE_REQUESTS.labels(self.name, "syncack", "ok").inc()
+                errors.ok("syncack")
                 return
             if runtime.stopping.is_set():
                 # Unacknowledged: the batch comes back after the restart and is deduplicated.
@@ -212,21 +247,30 @@ class WuKongIMSource:
                 "end_message_seq": 0, "limit": limit, "pull_mode": 1,
             })
             fetched_at = now_ms()
+            if answer.kind == http.TOO_LARGE and limit > 1:
+                # History is not consumed by reading: ask for fewer at a time.
+                limit = max(1, limit // 2)
+                log.warning("channel page larger than max_answer_bytes: asking for fewer",
+                            source=self.name, channel=what, limit=limit)
+                metrics.SOURCE_REQUESTS.labels(*labels, "too_large").inc()
+                continue
             delay = self._classify(answer, errors, endpoint)
             if delay is not None:
                 await runtime.sleep(delay)
                 continue
-            try:
-                records, more = parse_channel_answer(answer.body)
-            except BadRecord as exc:
-                await malformed_answer(runtime, self.name, endpoint, answer.raw, str(exc),
-                                       errors)
+            page = self._channel_records(answer)
+            if page is None:
+                await malformed_answer(runtime, self.name, endpoint, answer.raw,
+                                       "messagesync answer has no messages list", errors)
                 continue
-            metrics.SOURCE_REQUESTS.labels(*labels, "ok" if records else "empty").inc()
+            records, more = page
+            metrics.SOURCE_REQUESTS.labels(*labels, request_outcome(*labels, answer, records)).inc()
             errors.ok()
-            # Only records past the cursor count; a server ignoring start_message_seq
-            # must not move the cursor backwards or re-report gaps.
-            fresh = [r for r in records if (message_seq(r) or 0) > last]
+            limit = min(self.config.channel_limit, limit * 2)
+            # Only records past the cursor count; a server ignoring start_message_seq must
+            # not move the cursor backwards or re-report gaps. Records without a usable
+            # seq cannot be placed: they are quarantined, never dropped.
+            fresh = [r for r in records if (message_seq(r) or last + 1) > last]
             if not fresh:
                 await runtime.sleep(self.config.idle_interval)
                 continue
@@ -234,7 +278,8 @@ class WuKongIMSource:
             last = self._report_gaps(what, last, fresh)
             events, quarantine = normalize_batch(
                 self.name, endpoint, fresh,
-                partial(normalize, source=self.name, kind="message", fetched_at=fetched_at))
+                partial(normalize, source=self.name, kind="message", fetched_at=fetched_at),
+                max_record_bytes=self.config.max_record_bytes)
             result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
                                           cursors={cursor_key: str(last)})
             if result is None:
@@ -243,10 +288,26 @@ class WuKongIMSource:
             if not more and len(records) < limit:
                 await runtime.sleep(self.config.idle_interval)
 
+    @staticmethod
+    def _channel_records(answer: Answer) -> tuple[list[Any], bool] | None:
+        if answer.body is None and answer.raw:
+            salvaged = salvage(answer.raw, "messages")
+            # Reading history consumes nothing: a cut-off page's leading records are safe
+            # to take, the rest comes with the next page.
+            return (without_cut_off_tail(salvaged), True) if salvaged is not None else None
+        try:
+            return parse_channel_answer(answer.body)
+        except BadRecord:
+            return None
+
     def _report_gaps(self, what: str, last: int, records: list[Any]) -> int:
         expected = last + 1
+        unplaced = 0
         for record in records:
-            seq = message_seq(record) or expected
+            seq = message_seq(record)
+            if seq is None:
+                unplaced += 1
+                continue
             if seq > expected:
                 missing = seq - expected
                 metrics.SOURCE_SEQ_GAPS.labels(self.name).inc(missing)
@@ -254,6 +315,9 @@ class WuKongIMSource:
                             source=self.name, channel=what, first_missing=expected,
                             missing=missing)
             expected = max(expected, seq + 1)
+        if unplaced:
+            log.warning("records without a usable message_seq: quarantined", source=self.name,
+                        channel=what, records=unplaced)
         return expected - 1
 
     # -- relay check -------------------------------------------------------
@@ -272,7 +336,7 @@ class WuKongIMSource:
         finally:
             await self._client.aclose()
             self._client = None
-        target = f"{self.config.base_url} (/channel/messagesync, read-only)"
+        target = f"{display_url(self.config.base_url)} (/channel/messagesync, read-only)"
         if answer.kind != http.RESPONSE:
             return [CheckResult(f"source {self.name}", target, False,
                                 f"unreachable: {answer.detail}")]

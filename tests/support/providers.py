@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from relay.emulators.harness import BackgroundLoop
 from relay.emulators.leancloud import LeanCloudEmulator
 from relay.emulators.rongcloud import RongCloudEmulator, message_key
-from relay.emulators.wukongim import WuKongIMEmulator
+from relay.emulators.wukongim import ServerQuirks, WuKongIMEmulator
 
 
 class ProviderAdapter(Protocol):
@@ -71,9 +71,12 @@ class RongCloudAdapter:
 class WuKongIMAdapter:
     name = "wukongim"
 
+    def __init__(self, quirks: ServerQuirks | None = None) -> None:
+        self.quirks = quirks  # None: the emulator's default
+
     def emulator(self, seed: int) -> WuKongIMEmulator:
         return WuKongIMEmulator("manager-token", uids=("u1", "u2"), channels=(("g1", 2),),
-                                seed=seed)
+                                seed=seed, quirks=self.quirks)
 
     def source(self, urls: list[str], **overrides: Any) -> dict[str, Any]:
         return {"type": "wukongim", "base_url": urls[0], "token": "manager-token",
