@@ -148,6 +148,8 @@ def _format_status(stats: JournalStats) -> str:
     if stats.cursors:
         lines += ["", "source cursors"]
         for key, value in stats.cursors.items():
+            if key.endswith((":evacuation", ":evacuation:drain")):
+                continue  # shown above, as figures
             shown = value
             if key.endswith("_ms") and value.isdigit():
                 shown = f"{_iso(int(value))} ({_ago(int(value))})"
