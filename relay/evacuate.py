@@ -260,9 +260,11 @@ class Evacuation:
         """Figures to the display and metrics every second; to the journal every few."""
         last_saved = 0.0
         while True:
-            self._drain_meter.add(int(self.drain["exported"]), self.drain.get("cursor_ts"))
-            verify = self.control.get("verify") or {}
-            self._verify_meter.add(int(verify.get("next", 0)), None)
+            if self.drain.get("cursor_ts") is not None:  # the pace of history needs a cursor
+                self._drain_meter.add(int(self.drain["exported"]), self.drain["cursor_ts"])
+            if self.phase == VERIFY:
+                verify = self.control.get("verify") or {}
+                self._verify_meter.add(int(verify.get("next", 0)), None)
             figures = self.figures()
             publish(figures)
             self.display.update(figures)

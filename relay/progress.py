@@ -185,7 +185,8 @@ class Display:
             rate = "?" if f.rate is None else f"{f.rate:,.0f}"
             detail = (f"{f.exported:,} msgs · {_iso(f.first_ts)} → {_iso(f.cursor_ts)} → now"
                       f" · {f.requests_last_minute:,}/{f.budget_per_minute:,} req/min"
-                      f" · {rate} msg/s · ETA {duration(f.eta_seconds)}")
+                      f" · {rate} msg/s · " + (f"ETA {duration(f.eta_seconds)}"
+                                               if f.phase != "done" else "tailing"))
             if f.phase == "verify":
                 detail += f" · {f.verify_checked:,}/{f.verify_total:,} conversations"
             self._progress.update(self._task, completed=int(done * 1000),
