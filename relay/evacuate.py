@@ -45,7 +45,9 @@ from relay.app import Relay
 from relay.config import RelayConfig
 from relay.journal import Journal, JournalError, LedgerBatch, LedgerEntry, SqliteJournal
 from relay.logs import get_logger
+from relay.private_files import make_private_dirs
 from relay.progress import Display, Figures, RateMeter, init_metrics, publish
+from relay.remote import display_url
 from relay.sinks.file import FileSinkConfig
 from relay.sources import Source, SourceRuntime, build_source
 from relay.sources.base import normalize_batch
@@ -318,15 +320,25 @@ class Evacuation:
         if self.resumed_cursor and not self.drain.get("exported"):
             say(f"evacuation {self.name}: the journal already has this source's cursor; the"
                 " drain resumes there and the check fetches anything older")
-        self.paths.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(self.paths.directory)  # conversations hold member ids: owner-only
         assert self._source is not None
         async with self._source.api(runtime, self._count_request) as api:
-            if not self.control.get("metadata"):
-                self.control["metadata"] = await self._export_conversations(api)
-                await self._persist(journal)
-                meta = self.control["metadata"]
-                say(f"evacuation {self.name}: {meta['conversations']:,} conversations and"
-                    f" {meta['chatrooms']:,} chatrooms → {self.paths.conversations}")
+            if not (self.control.get("metadata") or {}).get("file"):
+                try:
+                    self.control["metadata"] = await self._export_conversations(api)
+                except ApiError as exc:
+                    # The drain goes on; the check covers the conversations the history
+                    # names, and the report says the list is missing. A restart retries.
+                    self.control["metadata"] = {"conversations": 0, "chatrooms": 0,
+                                                "error": str(exc)[:300]}
+                    log.error("conversation lists could not be exported", source=self.name,
+                              error=str(exc))
+                    say(f"evacuation {self.name}: conversation lists not exported: {exc}")
+                else:
+                    await self._persist(journal)
+                    meta = self.control["metadata"]
+                    say(f"evacuation {self.name}: {meta['conversations']:,} conversations and"
+                        f" {meta['chatrooms']:,} chatrooms → {self.paths.conversations}")
             if self.phase == DRAIN:
                 await self._read_through(0)
                 self.control.update(phase=VERIFY, bound_ms=self._read_till,
@@ -466,7 +478,7 @@ class Evacuation:
         missing = verify.get("missing", [])
         report = {
             "schema": "im-relay.evacuation-report/1", "source": self.name,
-            "app_id": self.config.app_id, "base_url": self.config.base_url,
+            "app_id": self.config.app_id, "base_url": display_url(self.config.base_url),
             "started_at": _iso(self.control.get("started_at")),
             "drained_at": _iso(self.control.get("drained_at")),
             "finished_at": _iso(int(time.time() * 1000)),
@@ -494,7 +506,8 @@ class Evacuation:
             "quarantined_count": int(self.drain.get("quarantined", 0)),
             "quarantined": [{"conversation": q.conversation, "timestamp": q.timestamp,
                              "msg_id": q.msg_id, "error": q.error} for q in quarantined],
-            "complete": not missing and not verify.get("unverified"),
+            "conversations_error": meta.get("error"),
+            "complete": not missing and not verify.get("unverified") and not meta.get("error"),
         }
         _write_private(self.paths.report_json, orjson.dumps(report, option=orjson.OPT_INDENT_2))
         _write_private(self.paths.report_text, self.summary(report).encode() + b"\n")
@@ -523,6 +536,8 @@ class Evacuation:
         lines += [f"    unverified {u['conversation']}: {u['error']}" for u in v["unverified"][:20]]
         lines += [f"    missing in {m['conversation']}: {', '.join(m['msg_ids'][:10])}"
                   for m in v["still_missing"][:20]]
+        if report.get("conversations_error"):
+            lines.append(f"  conversation lists    NOT EXPORTED: {report['conversations_error']}")
         lines += [f"  archive               {', '.join(report['archive']['events']) or '-'}",
                   f"  conversations         {report['archive']['conversations']}",
                   f"  report                {self.paths.report_json}"]

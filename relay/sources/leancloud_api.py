@@ -127,6 +127,7 @@ class LeanCloudApi:
         """One conversation's messages older than ``before_ms``, oldest first, page by page."""
         path = f"{CHATROOMS if room else CONVERSATIONS}/{conv_id}/messages"
         params = {"reversed": "true", "till_timestamp": str(before_ms), "limit": str(limit)}
+        after: tuple[int, str] | None = None
         while True:
             body = await self.get(path, params, "verify")
             if not isinstance(body, list):
@@ -139,7 +140,11 @@ class LeanCloudApi:
             if not isinstance(last, dict) or not isinstance(last.get("timestamp"), int) \
                     or not isinstance(last.get("msg-id"), str):
                 raise ApiError(f"{path}: page without a usable (timestamp, msg-id) at its end")
-            params = {**params, "timestamp": str(last["timestamp"]), "msgid": last["msg-id"]}
+            position = (last["timestamp"], last["msg-id"])
+            if after is not None and position <= after:
+                raise ApiError(f"{path}: the history went backwards; cannot page on")
+            after = position
+            params = {**params, "timestamp": str(position[0]), "msgid": position[1]}
 
 
 def sampled(conv_id: str, ratio: float) -> bool:
