@@ -406,21 +406,45 @@ class Evacuation:
                 f"evacuation {self.name}: checking {len(chosen):,} of {len(every):,}"
                 f" conversations ({verify['mode']}): about {cost:,} requests,"
                 f" {cost / self.settings.requests_per_minute:,.1f} minutes at the budget")
+        width = self.settings.verify_concurrency
         while verify["next"] < len(chosen):
-            conv, room = chosen[verify["next"]]
-            current = verify.get("current") or {}
-            if current.get("conversation") != conv:
-                # Repairs commit this (with the state) in their transaction: after a crash
-                # the conversation is checked again and still counts as repaired.
-                verify["current"] = {"conversation": conv, "repaired": 0}
-            await self._verify_one(api, runtime, conv, room, bound, tallies.get(conv), verify)
+            window = chosen[verify["next"]:verify["next"] + width]
+            # Repairs commit the state (with this) in their own transaction: after a crash
+            # the window is checked again and its repaired conversations still count so.
+            earlier = verify.get("current") or {}
+            verify["current"] = {c: int(earlier.get(c, 0)) for c, _ in window}
+            outcomes: dict[str, tuple[str, Any]] = {}
+            async with anyio.create_task_group() as checks:
+                for conv, room in window:
+                    checks.start_soon(self._check_into, outcomes, api, runtime, conv, room,
+                                      bound, tallies.get(conv), verify)
+            # The window's outcomes and the move past it: one state, saved together.
+            for conv, _ in window:
+                kind, detail = outcomes[conv]
+                if kind == "unverified":
+                    verify["unverified"].append({"conversation": conv, "error": detail})
+                elif kind == "missing":
+                    verify["missing"].append({"conversation": conv, "msg_ids": detail})
+                else:
+                    verify[kind] += 1
+                    verify["extra"] += detail
             verify["current"] = None
-            verify["next"] += 1
+            verify["next"] += len(window)
+
+    async def _check_into(self, outcomes: dict[str, tuple[str, Any]], api: LeanCloudApi,
+                          runtime: SourceRuntime, conv: str, room: bool, bound: int,
+                          tally: Any, verify: dict[str, Any]) -> None:
+        outcomes[conv] = await self._verify_one(api, runtime, conv, room, bound, tally, verify)
 
     async def _verify_one(self, api: LeanCloudApi, runtime: SourceRuntime, conv: str,
-                          room: bool, bound: int, tally: Any, verify: dict[str, Any]) -> None:
+                          room: bool, bound: int, tally: Any,
+                          verify: dict[str, Any]) -> tuple[str, Any]:
+        """One conversation's history against the ledger, repairing what is missing.
+
+        Returns (``matching``, messages kept but gone from LeanCloud), (``repaired``, 0),
+        (``missing``, msg-ids that could not be journaled) or (``unverified``, error).
+        """
         served = 0
-        repaired = 0
         lost: list[str] = []
         try:
             async for page in api.conversation_history(conv, room=room, before_ms=bound):
@@ -429,26 +453,20 @@ class Evacuation:
                 absent = set(await runtime.journal.ledger_missing(
                     self.name, [k for k, _ in keyed if k is not None]))
                 records = [r for k, r in keyed if k is not None and k in absent]
-                if records:
-                    committed = await self._repair(runtime, records, verify)
-                    repaired += len(records) if committed else 0
-                    if not committed:
-                        lost += [str(k[1]) for k, _ in keyed if k is not None and k in absent]
+                if records and not await self._repair(runtime, conv, records, verify):
+                    lost += [str(k[1]) for k, _ in keyed if k is not None and k in absent]
         except ApiError as exc:
-            verify["unverified"].append({"conversation": conv, "error": str(exc)[:300]})
             log.error("conversation could not be checked", source=self.name,
                       conversation=conv, error=str(exc))
-            return
+            return "unverified", str(exc)[:300]
         if lost:
-            verify["missing"].append({"conversation": conv, "msg_ids": lost})
-        elif repaired or verify["current"]["repaired"]:
-            verify["repaired"] += 1
-        else:
-            verify["matching"] += 1
-            if tally is not None and tally.count > served:
-                verify["extra"] += tally.count - served  # gone from LeanCloud since: kept
+            return "missing", lost
+        if verify["current"][conv]:
+            return "repaired", 0
+        extra = tally.count - served if tally is not None and tally.count > served else 0
+        return "matching", extra  # extra: gone from LeanCloud since the drain; kept
 
-    async def _repair(self, runtime: SourceRuntime, records: list[Any],
+    async def _repair(self, runtime: SourceRuntime, conv: str, records: list[Any],
                       verify: dict[str, Any]) -> bool:
         """Journal what the check found missing, like any batch: it reaches every sink."""
         fetched_at = int(time.time() * 1000)
@@ -457,17 +475,16 @@ class Evacuation:
             partial(normalize, source=self.name, fetched_at=fetched_at))
         entries = ledger_entries(self.name, records, events, quarantine)
         verify["repaired_messages"] += len(records)
-        verify["current"]["repaired"] += len(records)
+        verify["current"][conv] += len(records)
         result = await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
                                       ledger=LedgerBatch(self.name, entries),
                                       cursors={self.state_key: self._state_json()})
         if result is None:
             verify["repaired_messages"] -= len(records)
-            verify["current"]["repaired"] -= len(records)
+            verify["current"][conv] -= len(records)
             return False
         log.info("missing messages fetched", source=self.name, count=len(records),
-                 conversation=records[0].get("conv-id") if isinstance(records[0], dict)
-                 else None)
+                 conversation=conv)
         return True
 
     async def _report(self, journal: Journal) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class EvacuationSettings(BaseModel):
     # The completeness check: every conversation ("full"), or a fixed sample of them.
     verify: Literal["full", "sample"] = "full"
     sample_ratio: float = Field(default=0.05, gt=0, le=1)
+    verify_concurrency: int = Field(default=4, ge=1, le=32)  # conversations checked at once
     # Where the conversations file and the report go (and the archive when the
     # configuration has no sink); default: "evacuation/<source>" beside the journal.
     directory: str | None = None
