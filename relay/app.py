@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,9 +36,11 @@ HOUSEKEEPING_INTERVAL = 5.0
 
 
 class Relay:
-    def __init__(self, config: RelayConfig, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: RelayConfig, *, notifier: Notifier | None = None,
+                 source_factory: Callable[[str, Any], Source] = build_source) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
+        self._build_source = source_factory  # relay evacuate gives one source a tracker
         self.stopping: anyio.Event | None = None
         self.journal: Journal | None = None
         self.sources: list[Source] = []
@@ -81,7 +84,7 @@ class Relay:
         try:
             await journal.register_sinks(list(c.sinks), prune=True)
             self.runtime = SourceRuntime(journal, self.stopping, BudgetRegistry())
-            self.sources = [build_source(name, cfg) for name, cfg in c.sources.items()]
+            self.sources = [self._build_source(name, cfg) for name, cfg in c.sources.items()]
             self.runners = [
                 SinkRunner(build_sink(name, cfg), cfg, journal) for name, cfg in c.sinks.items()
             ]

@@ -79,6 +79,35 @@ def _run_relay(config: RelayConfig, on_ready: Callable[[Any], Any] | None = None
 
 
 @main.command()
+@config_option
+@click.option("--source", "source_name", required=True, metavar="NAME",
+              help="The LeanCloud source whose whole history to export.")
+@click.option("--exit-when-done", is_flag=True,
+              help="Exit once verified, reported and delivered (0 complete, 1 not).")
+def evacuate(config_file: str | None, source_name: str, exit_when_done: bool) -> None:
+    """Export a LeanCloud app's whole history and conversations, verify it, report.
+
+    Runs the relay as `relay run` does, with this source reading from the first
+    message ever; resumable after any stop. See README "Leaving LeanCloud".
+    """
+    from relay.evacuate import EvacuationError, run_evacuation
+
+    config = _load(config_file, require_components=False)
+    if not config.sources:
+        fail("sources: at least one [sources.NAME] table is required")
+    configure_logging(config.log.level, config.log.format)
+    try:
+        code = run_evacuation(config, source_name, exit_when_done=exit_when_done)
+    except EvacuationError as exc:
+        fail(str(exc))
+    except JournalLockedError as exc:
+        fail(str(exc))
+    except JournalError as exc:
+        fail(str(exc), 1)
+    sys.exit(code)
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schema of the normalized event (im-relay.event/1)."""
     click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
@@ -113,9 +142,14 @@ def _format_status(stats: JournalStats) -> str:
     for sink in stats.sinks:
         lag = _ago(sink.oldest_pending_fetched_at) if sink.pending else "caught up"
         lines.append(f"{sink.sink:<20} {sink.cursor:>10} {sink.pending:>10}  {lag}")
+    from relay.progress import status_lines
+
+    lines += status_lines(stats.cursors)
     if stats.cursors:
         lines += ["", "source cursors"]
         for key, value in stats.cursors.items():
+            if key.endswith((":evacuation", ":evacuation:drain")):
+                continue  # shown above, as figures
             shown = value
             if key.endswith("_ms") and value.isdigit():
                 shown = f"{_iso(int(value))} ({_ago(int(value))})"
@@ -144,7 +178,10 @@ def status(config_file: str | None, as_json: bool) -> None:
     if as_json:
         from dataclasses import asdict
 
-        click.echo(json.dumps(asdict(stats), indent=2))
+        from relay.progress import status_entries
+
+        click.echo(json.dumps({**asdict(stats), "evacuations": [
+            f.to_json() for f in status_entries(stats.cursors)]}, indent=2))
     else:
         click.echo(_format_status(stats))
 
@@ -544,21 +581,41 @@ def emulate_wukongim(host: str, ports: tuple[int, ...], token: str | None,
 @click.option("--rate", type=float, default=0.0, show_default=True, help="New messages/s.")
 @click.option("--backlog", type=int, default=0, show_default=True,
               help="Messages in history at start.")
+@click.option("--history", type=int, default=0, show_default=True,
+              help="A large application: this many messages of history over years.")
+@click.option("--conversations", type=int, default=2000, show_default=True,
+              help="Conversations of the --history application.")
+@click.option("--chatrooms", type=int, default=100, show_default=True,
+              help="Chatrooms of the --history application.")
+@click.option("--history-days", type=float, default=3 * 365, show_default=True,
+              help="How far back the --history application's first message is.")
+@click.option("--poison", type=click.Choice(["nested", "invalid"]), multiple=True,
+              help="Add a poison record in the middle of the history (repeatable).")
+@click.option("--retry-after", is_flag=True, help="Send Retry-After with 429 answers.")
 @_fault_options
 def emulate_leancloud(host: str, ports: tuple[int, ...], app_id: str, master_key: str,
                       rate_limit: int, penalty_seconds: float, send_delay: float, rate: float,
-                      backlog: int, error_ratio: float, malformed_ratio: float,
+                      backlog: int, history: int, conversations: int, chatrooms: int,
+                      history_days: float, poison: tuple[str, ...], retry_after: bool,
+                      error_ratio: float, malformed_ratio: float,
                       slow_ratio: float, slow_seconds: float, seed: int | None) -> None:
-    """LeanCloud IM REST API (GET /1.2/rtm/messages, the application's history)."""
+    """LeanCloud IM REST API (history, per-conversation history, conversation lists)."""
     from relay.emulators.harness import Faults
     from relay.emulators.leancloud import LeanCloudEmulator
 
     emulator = LeanCloudEmulator(
         app_id, master_key, rate_limit_per_minute=rate_limit or None,
         penalty_seconds=penalty_seconds, send_delay=send_delay, seed=seed,
+        retry_after=retry_after, keep_served=not history,
         faults=Faults(error_ratio=error_ratio, malformed_ratio=malformed_ratio,
                       slow_ratio=slow_ratio, slow_seconds=slow_seconds),
     )
+    if history:
+        emulator.load_history(history, conversations=conversations, chatrooms=chatrooms,
+                              days=history_days)
+    for kind in poison:
+        emulator.inject_poison(kind, timestamp_ms=int((time.time() - history_days * 43200)
+                                                      * 1000))
     if backlog:
         emulator.generate(backlog)
 

@@ -294,3 +294,57 @@ def init_sink(sink: str) -> None:
         SINK_ATTEMPTS.labels(sink, outcome)
     SINK_PENDING.labels(sink).set(0)
     SINK_OLDEST_PENDING_AGE.labels(sink).set(0)
+
+# -- evacuation (relay evacuate) ---------------------------------------------
+EVACUATION_EXPORTED = Gauge(
+    "relay_evacuation_exported_messages",
+    "History messages journaled (or quarantined) by the evacuation so far, across restarts.",
+    ["source"], registry=REGISTRY,
+)
+EVACUATION_FIRST_MESSAGE = Gauge(
+    "relay_evacuation_first_message_timestamp_seconds",
+    "Provider time of the first message the evacuation read.", ["source"], registry=REGISTRY,
+)
+EVACUATION_CURSOR = Gauge(
+    "relay_evacuation_cursor_timestamp_seconds",
+    "Provider time the evacuation has read the history up to.", ["source"], registry=REGISTRY,
+)
+EVACUATION_REQUESTS = Counter(
+    "relay_evacuation_requests_total",
+    "Requests the evacuation made, by purpose (history, conversations, chatrooms, verify) and"
+    " outcome (ok, throttled, error).",
+    ["source", "purpose", "outcome"], registry=REGISTRY,
+)
+EVACUATION_BUDGET = Gauge(
+    "relay_evacuation_request_budget_per_minute",
+    "The evacuation's request budget (its share of the app's quota).", ["source"],
+    registry=REGISTRY,
+)
+EVACUATION_REQUESTS_LAST_MINUTE = Gauge(
+    "relay_evacuation_requests_last_minute",
+    "Requests in flight or made within the last minute, against the budget.", ["source"],
+    registry=REGISTRY,
+)
+EVACUATION_RATE = Gauge(
+    "relay_evacuation_rate_messages_per_second",
+    "Messages exported per second, over the last minute.", ["source"], registry=REGISTRY,
+)
+EVACUATION_ETA = Gauge(
+    "relay_evacuation_eta_seconds",
+    "Estimated seconds until the current phase ends, from the observed rate (-1 = unknown).",
+    ["source"], registry=REGISTRY,
+)
+EVACUATION_PHASE = Gauge(
+    "relay_evacuation_phase",
+    "1 for the evacuation's current phase (drain, verify, done).", ["source", "phase"],
+    registry=REGISTRY,
+)
+EVACUATION_CONVERSATIONS = Gauge(
+    "relay_evacuation_conversations",
+    "Conversations of the completeness check by outcome (total, checked, matching, repaired,"
+    " unverified).", ["source", "outcome"], registry=REGISTRY,
+)
+EVACUATION_REPAIRED = Gauge(
+    "relay_evacuation_repaired_messages",
+    "Messages the completeness check found missing and fetched.", ["source"], registry=REGISTRY,
+)

@@ -1,23 +1,30 @@
-"""LeanCloud emulator: the IM REST API's application-wide history as the provider documents it.
+"""LeanCloud emulator: the IM REST API's history and conversations as the provider documents them.
 
 Written from ``leancloud-rtm-rest-api.md``:
 
-- ``GET /1.2/rtm/messages`` (查询应用内所有历史消息, parameters of 查询历史消息):
-  ``msgid``/``timestamp`` (start), ``till_msgid``/``till_timestamp`` (stop),
-  ``include_start``, ``include_stop``, ``reversed``, ``limit`` (default 100, at most
-  1000). Messages are ordered by (timestamp, msg-id). By default newest → oldest
+- ``GET /1.2/rtm/messages`` (查询应用内所有历史消息) and the per-conversation history
+  ``GET /1.2/rtm/{conversations,chatrooms}/{conv_id}/messages`` (查询历史消息), with the
+  same parameters: ``msgid``/``timestamp`` (start), ``till_msgid``/``till_timestamp``
+  (stop), ``include_start``, ``include_stop``, ``reversed``, ``limit`` (default 100, at
+  most 1000). Messages are ordered by (timestamp, msg-id). By default newest → oldest
   from ``timestamp`` (default now) down to ``till_timestamp`` (default 0);
   ``reversed=true`` oldest → newest from ``timestamp`` (default 0) up to
   ``till_timestamp`` (default now). Start and stop are exclusive unless
   ``include_start`` / ``include_stop``. A bound given as a timestamp without its
   message id stands for every message at that timestamp (so an exclusive one
   leaves them all out); ``msgid`` without ``timestamp`` is refused (400), as the
-  document says it "must" come with it.
+  document says it "must" come with it. An unknown conversation has an empty history.
+- ``GET /1.2/rtm/conversations`` (查询对话) and ``GET /1.2/rtm/chatrooms`` (查询聊天室):
+  ``_Conversation`` rows ``{"results": [...]}`` paged by ``skip`` and ``limit``
+  (default 100, at most 1000, in creation order), filtered by ``where`` (equality and
+  ``$in`` on top-level fields). Chatrooms are the rows with ``tr: true``.
 - Records as the document's example: ``timestamp`` (ms), ``conv-id``, ``data``,
   ``from``, ``msg-id``, ``is-conv``, ``is-room``, ``to``, ``bin``, ``from-ip``;
   ``bin: true`` means ``data`` is base64.
 - Sends are asynchronous: a message can become visible after later ones
-  (:meth:`LeanCloudEmulator.generate` with ``delay``, or :meth:`generate_late`).
+  (:meth:`LeanCloudEmulator.generate` with ``delay``, :meth:`generate_late`, and
+  :meth:`hide_until_passed` for history messages that turn up only after a reader
+  went past them).
 - ``POST /1.2/rtm/{conversations,chatrooms}/{conv_id}/messages`` (发消息,
   ``from_client``, ``message``, ``transient``): the customer's own sends, which
   spend the same request quota; transient messages are not kept in history.
@@ -29,8 +36,13 @@ Written from ``leancloud-rtm-rest-api.md``:
   "Too many requests."}`` for a minute (``penalty_seconds``), then the quota
   starts afresh. Every 429 is counted.
 
+A large application (:meth:`LeanCloudEmulator.load_history`: years of history over
+thousands of conversations and chatrooms) is held in columnar arrays and encoded
+page by page (:mod:`relay.emulators.leancloud_store`).
+
 Admin API (no auth, loopback): ``GET /_emulator/stats``, ``GET /_emulator/served``,
 ``POST /_emulator/generate {"count", "kind"?, "age"?, "delay"?}``,
+``POST /_emulator/poison {"kind"?, "timestamp"?}``,
 ``POST /_emulator/faults {...}``, ``POST /_emulator/refuse {"index", "seconds"}``,
 ``POST /_emulator/traffic {"rate"}``, ``POST /_emulator/rate_limit
 {"per_minute"?, "penalty_seconds"?}``, ``POST /_emulator/spend {"count"}``.
@@ -39,7 +51,6 @@ Admin API (no auth, loopback): ``GET /_emulator/stats``, ``GET /_emulator/served
 from __future__ import annotations
 
 import base64
-import bisect
 import hashlib
 import hmac
 import itertools
@@ -52,28 +63,24 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from relay.emulators.harness import EmulatorBase, FaultPlan, Faults, paced, truncated_json
+from relay.emulators.leancloud_store import Bound, Conversation, History
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 KINDS = ("text", "rich", "binary", "room")
+POISONS = ("nested", "invalid")
 _ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _UNAUTHORIZED = {"code": 401, "error": "Unauthorized."}
 _TOO_MANY = {"code": 429, "error": "Too many requests."}
+DAY_MS = 86_400_000
 
 
 class _BadQuery(ValueError):
     pass
-
-
-@dataclass
-class _Stored:
-    key: tuple[int, str]  # (timestamp ms, msg-id): the history's order
-    record: dict[str, Any]
-    visible_at: float  # time.time() from which queries see it
-    encoded: str
 
 
 @dataclass
@@ -84,12 +91,15 @@ class ServedPage:
     query: dict[str, str]
     msg_ids: list[str]
     faulty: bool = False
+    conversation: str | None = None  # set for the per-conversation history
 
 
 @dataclass
 class LeanCloudStats:
     requests: int = 0
     history_requests: int = 0
+    conversation_history_requests: int = 0
+    list_requests: int = 0
     send_requests: int = 0
     bad_auth: int = 0
     bad_requests: int = 0
@@ -114,6 +124,7 @@ class LeanCloudEmulator(EmulatorBase):
         send_delay: float = 0.0,
         seed: int | None = None,
         faults: Faults | None = None,
+        keep_served: bool = True,
     ) -> None:
         self.app_id = app_id
         self.master_key = master_key
@@ -127,16 +138,62 @@ class LeanCloudEmulator(EmulatorBase):
         self.faults = faults or Faults()
         self._plan = FaultPlan(self.faults, self.rng)
         self.stats = LeanCloudStats()
-        self._keys: list[tuple[int, str]] = []
-        self._messages: list[_Stored] = []
-        self.generated: list[dict[str, Any]] = []
+        self.history = History(random.Random(self.rng.getrandbits(64)))
+        self.generated: list[dict[str, Any]] = []  # messages added one by one (not the bulk)
+        self.keep_served = keep_served  # a large history's pages would fill memory with ids
         self.served: list[ServedPage] = []
         self._arrivals: deque[float] = deque()
         self._penalty_until = 0.0
         self._counter = itertools.count(1)
-        self._convs = [f"{self.rng.getrandbits(96):024x}" for _ in range(6)]
-        self._rooms = [f"{self.rng.getrandbits(96):024x}" for _ in range(2)]
+        now = int(time.time() * 1000)
+        self._convs: list[str] = []
+        self._rooms: list[str] = []
+        for n in range(8):
+            self._add_conversation(Conversation(
+                object_id=f"{self.rng.getrandbits(96):024x}", name=f"conversation {n}",
+                members=() if n >= 6 else (f"client{n}", f"client{n + 1}"),
+                creator=f"client{n}", attr={}, created_at=now - DAY_MS, updated_at=now - DAY_MS,
+                room=n >= 6, unique=n < 6))
         self._lock = threading.Lock()
+
+    def _add_conversation(self, conv: Conversation) -> None:
+        self.history.add_conversation(conv)
+        (self._rooms if conv.room else self._convs).append(conv.object_id)
+
+    # -- a large application ---------------------------------------------------
+
+    def load_history(self, count: int, *, conversations: int = 2000, chatrooms: int = 100,
+                     days: float = 3 * 365, end_age: float = 3600.0, tie_ratio: float = 0.05,
+                     clients: int | None = None) -> None:
+        """Years of history: ``count`` messages over that many conversations and chatrooms,
+        ending ``end_age`` seconds ago; ``tie_ratio`` of them share the timestamp before."""
+        last = int((time.time() - end_age) * 1000)
+        first = last - int(days * DAY_MS)
+        with self._lock:
+            before = len(self.history.conversations)
+            self.history.make_conversations(conversations, chatrooms, first_ms=first,
+                                            last_ms=last, clients=clients or 10 * conversations)
+            for conv in self.history.conversations[before:]:
+                (self._rooms if conv.room else self._convs).append(conv.object_id)
+            self.history.load(count, first_ms=first, last_ms=last, tie_ratio=tie_ratio)
+            self.stats.generated += count
+
+    def hide_until_passed(self, count: int, seconds: float = 0.5) -> list[str]:
+        """``count`` history messages that turn up only ``seconds`` after an application-wide
+        read went past them (their asynchronous send finished late); returns their msg-ids."""
+        with self._lock:
+            total = self.history.bulk_count()
+            positions = self.rng.sample(range(total), min(count, total))
+            self.history.hide_until_passed(positions, seconds)
+            return [self.history.bulk_key(p)[1] for p in positions]
+
+    def all_msg_ids(self) -> set[str]:
+        """Every msg-id in the history (bulk and added one by one)."""
+        with self._lock:
+            return set(self.history.all_msg_ids())
+
+    def conversation_ids(self) -> list[str]:
+        return [c.object_id for c in self.history.conversations]
 
     # -- traffic -----------------------------------------------------------
 
@@ -174,10 +231,7 @@ class LeanCloudEmulator(EmulatorBase):
 
     def _store(self, record: dict[str, Any], visible_at: float) -> None:
         """Insert in (timestamp, msg-id) order; a late arrival lands in the middle."""
-        key = (int(record["timestamp"]), str(record["msg-id"]))
-        index = bisect.bisect_left(self._keys, key)
-        self._keys.insert(index, key)
-        self._messages.insert(index, _Stored(key, record, visible_at, _encode(record)))
+        self.history.add(record, visible_at, _encode(record))
         self.generated.append(record)
         self.stats.generated += 1
 
@@ -221,6 +275,27 @@ class LeanCloudEmulator(EmulatorBase):
         record = {"timestamp": timestamp_ms, "conv-id": conv, "data": data, "from": sender,
                   "msg-id": msg_id, "is-conv": True, "is-room": is_room, "to": conv,
                   "bin": binary, "from-ip": "203.0.113.1"}
+        with self._lock:
+            self._store(record, time.time())
+        return record
+
+    def inject_poison(self, kind: str = "nested", *, timestamp_ms: int | None = None,
+                      conv_id: str | None = None) -> dict[str, Any]:
+        """A record among the valid ones that no client should choke on.
+
+        ``nested``: a rich message whose content is JSON nested 1,000 deep;
+        ``invalid``: a record whose ``data`` is an object and ``from`` a number.
+        """
+        if kind not in POISONS:
+            raise ValueError(f"kind must be one of {POISONS}")
+        stamp = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        conv = conv_id or self.rng.choice(self._convs)
+        data: Any = '{"_lctype":-1,"_lcattrs":' + '{"a":' * 1000 + "1" + "}" * 1000 + "}" \
+            if kind == "nested" else {"not": "a string"}
+        record = {"timestamp": stamp, "conv-id": conv, "data": data,
+                  "from": "client0" if kind == "nested" else 12345, "msg-id": self._msg_id(),
+                  "is-conv": True, "is-room": False, "to": conv, "bin": False,
+                  "from-ip": "203.0.113.66"}
         with self._lock:
             self._store(record, time.time())
         return record
@@ -293,11 +368,16 @@ class LeanCloudEmulator(EmulatorBase):
         return web.json_response({"code": 1, "error": error}, status=400)
 
     async def handle_history(self, request: web.Request) -> web.Response:
+        """The application's history, or one conversation's (``conv_id`` in the path)."""
+        conv = request.match_info.get("conv_id")
         with self._lock:
             refusal = self._gate(request)
             if refusal is not None:
                 return refusal
-            self.stats.history_requests += 1
+            if conv is None:
+                self.stats.history_requests += 1
+            else:
+                self.stats.conversation_history_requests += 1
         try:
             query = _parse_query(dict(request.query), int(time.time() * 1000))
         except _BadQuery as exc:
@@ -306,14 +386,16 @@ class LeanCloudEmulator(EmulatorBase):
         with self._lock:
             error = self._plan.error()
             malformed = not error and self._plan.malformed()
-            taken = self._select(query, time.time())
-            self.served.append(ServedPage(at, dict(request.query),
-                                          [s.key[1] for s in taken], error or malformed))
+            taken = self.history.select(query.lower, query.upper, query.ascending, query.limit,
+                                        time.time(), conv)
+            if self.keep_served:
+                self.served.append(ServedPage(at, dict(request.query), [k[1] for k, _ in taken],
+                                              error or malformed, conv))
             if error or malformed:
                 self.stats.faulted_pages += 1
             else:
                 self.stats.served_messages += len(taken)
-            encoded = [s.encoded for s in taken]
+            encoded = [encode() for _, encode in taken]
         await self._plan.maybe_slow()
         if error:
             return web.json_response({"code": 1, "error": "Internal server error."},
@@ -323,16 +405,36 @@ class LeanCloudEmulator(EmulatorBase):
             body = truncated_json(body)
         return web.Response(body=body, content_type="application/json")
 
-    def _select(self, query: _Query, now: float) -> list[_Stored]:
-        keys = self._keys
-        lo = _lower_index(keys, query.lower)
-        hi = _upper_index(keys, query.upper)
-        if query.ascending:
-            candidates = (self._messages[i] for i in range(lo, hi))
-        else:
-            candidates = (self._messages[i] for i in range(hi - 1, lo - 1, -1))
-        visible = (s for s in candidates if s.visible_at <= now)
-        return list(itertools.islice(visible, query.limit))
+    async def handle_list(self, request: web.Request) -> web.Response:
+        """查询对话 / 查询聊天室: ``_Conversation`` rows paged by skip and limit."""
+        rooms = request.match_info["kind"] == "chatrooms"
+        with self._lock:
+            refusal = self._gate(request)
+            if refusal is not None:
+                return refusal
+            self.stats.list_requests += 1
+        try:
+            skip = _parse_int(dict(request.query), "skip") or 0
+            limit = _parse_int(dict(request.query), "limit")
+            where = _parse_where(request.query.get("where"))
+        except _BadQuery as exc:
+            return self._bad_request(str(exc))
+        if skip < 0:
+            return self._bad_request("skip must not be negative.")
+        limit = DEFAULT_LIMIT if limit is None else limit
+        if limit < 1:
+            return self._bad_request("limit must be positive.")
+        limit = min(limit, MAX_LIMIT)
+        with self._lock:
+            error = self._plan.error()
+            rows = [c.row() for c in self.history.conversations if c.room == rooms]
+        await self._plan.maybe_slow()
+        if error:
+            return web.json_response({"code": 1, "error": "Internal server error."},
+                                     status=self.faults.error_status)
+        matching = [r for r in rows if _matches(r, where)]
+        return web.json_response({"results": matching[skip:skip + limit]},
+                                 dumps=lambda v: orjson.dumps(v).decode())
 
     async def handle_send(self, request: web.Request) -> web.Response:
         with self._lock:
@@ -367,7 +469,10 @@ class LeanCloudEmulator(EmulatorBase):
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             stats: dict[str, Any] = dict(vars(self.stats))
-            stats["stored"] = len(self._messages)
+            stats["stored"] = self.history.bulk_count() + self.history.overlay_count()
+            stats["conversations"] = sum(1 for c in self.history.conversations if not c.room)
+            stats["chatrooms"] = sum(1 for c in self.history.conversations if c.room)
+            stats["history_bytes"] = self.history.memory_bytes()
             stats["penalized"] = time.monotonic() < self._penalty_until
             stats["rate_limit_per_minute"] = self.rate_limit_per_minute
             stats["penalty_seconds"] = self.penalty_seconds
@@ -377,8 +482,8 @@ class LeanCloudEmulator(EmulatorBase):
     async def _admin_served(self, request: web.Request) -> web.Response:
         start = int(request.query.get("from", "0"))
         with self._lock:
-            pages = [{"at": p.at, "query": p.query, "msg_ids": p.msg_ids, "faulty": p.faulty}
-                     for p in self.served[start:]]
+            pages = [{"at": p.at, "query": p.query, "msg_ids": p.msg_ids, "faulty": p.faulty,
+                      "conversation": p.conversation} for p in self.served[start:]]
         return web.json_response({"from": start, "pages": pages})
 
     async def _admin_generate(self, request: web.Request) -> web.Response:
@@ -390,7 +495,14 @@ class LeanCloudEmulator(EmulatorBase):
                             delay=float(body.get("delay", 0)))
         return web.json_response({"generated": len(ids), "msg_ids": ids})
 
-
+    async def _admin_poison(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            record = self.inject_poison(str(body.get("kind", "nested")),
+                                        timestamp_ms=body.get("timestamp"))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"msg-id": record["msg-id"], "timestamp": record["timestamp"]})
 
     async def _admin_rate_limit(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -411,30 +523,26 @@ class LeanCloudEmulator(EmulatorBase):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/1.2/rtm/messages", self.handle_history)
+        app.router.add_get("/1.2/rtm/{kind:conversations|chatrooms}", self.handle_list)
+        app.router.add_get("/1.2/rtm/{kind:conversations|chatrooms}/{conv_id}/messages",
+                           self.handle_history)
         app.router.add_post("/1.2/rtm/{kind:conversations|chatrooms}/{conv_id}/messages",
                             self.handle_send)
         app.router.add_get("/_emulator/served", self._admin_served)
         app.router.add_post("/_emulator/generate", self._admin_generate)
+        app.router.add_post("/_emulator/poison", self._admin_poison)
         self.add_common_admin_routes(app)
         app.router.add_post("/_emulator/rate_limit", self._admin_rate_limit)
         app.router.add_post("/_emulator/spend", self._admin_spend)
         return app
 
 
-
 # -- the history query ------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Bound:
-    timestamp: int
-    msg_id: str | None  # None: the bound is the timestamp alone (every message at it)
-    inclusive: bool
-
-
-@dataclass(frozen=True)
 class _Query:
-    lower: _Bound
-    upper: _Bound
+    lower: Bound
+    upper: Bound
     ascending: bool
     limit: int
 
@@ -481,35 +589,42 @@ def _parse_query(query: dict[str, str], now_ms: int) -> _Query:
     limit = min(limit, MAX_LIMIT)
     # A bound left to its default (0 or now) leaves nothing out: it is inclusive.
     if ascending:
-        start = _Bound(timestamp, msgid, include_start) if timestamp is not None \
-            else _Bound(0, None, True)
-        stop = _Bound(till_timestamp, till_msgid, include_stop) if till_timestamp is not None \
-            else _Bound(now_ms, None, True)
+        start = Bound(timestamp, msgid, include_start) if timestamp is not None \
+            else Bound(0, None, True)
+        stop = Bound(till_timestamp, till_msgid, include_stop) if till_timestamp is not None \
+            else Bound(now_ms, None, True)
         return _Query(lower=start, upper=stop, ascending=True, limit=limit)
-    start = _Bound(timestamp, msgid, include_start) if timestamp is not None \
-        else _Bound(now_ms, None, True)
-    stop = _Bound(till_timestamp, till_msgid, include_stop) if till_timestamp is not None \
-        else _Bound(0, None, True)
+    start = Bound(timestamp, msgid, include_start) if timestamp is not None \
+        else Bound(now_ms, None, True)
+    stop = Bound(till_timestamp, till_msgid, include_stop) if till_timestamp is not None \
+        else Bound(0, None, True)
     return _Query(lower=stop, upper=start, ascending=False, limit=limit)
 
 
-def _lower_index(keys: list[tuple[int, str]], bound: _Bound) -> int:
-    """First index at or above a lower bound. msg-ids are never empty, so (t, "")
-    sorts before every message at t."""
-    if bound.msg_id is None:
-        return bisect.bisect_left(keys, (bound.timestamp if bound.inclusive
-                                         else bound.timestamp + 1, ""))
-    key = (bound.timestamp, bound.msg_id)
-    return bisect.bisect_left(keys, key) if bound.inclusive else bisect.bisect_right(keys, key)
+def _parse_where(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        where = json.loads(text)
+    except ValueError:
+        raise _BadQuery("where is not valid JSON.") from None
+    if not isinstance(where, dict):
+        raise _BadQuery("where must be a JSON object.")
+    for value in where.values():
+        if isinstance(value, dict) and set(value) - {"$in"}:
+            raise _BadQuery("only equality and $in are supported in where.")
+    return where
 
 
-def _upper_index(keys: list[tuple[int, str]], bound: _Bound) -> int:
-    """One past the last index at or below an upper bound."""
-    if bound.msg_id is None:
-        return bisect.bisect_left(keys, (bound.timestamp + 1 if bound.inclusive
-                                         else bound.timestamp, ""))
-    key = (bound.timestamp, bound.msg_id)
-    return bisect.bisect_right(keys, key) if bound.inclusive else bisect.bisect_left(keys, key)
+def _matches(row: dict[str, Any], where: dict[str, Any]) -> bool:
+    for key, wanted in where.items():
+        value = row.get(key)
+        if isinstance(wanted, dict):
+            if value not in wanted.get("$in", []):
+                return False
+        elif value != wanted:
+            return False
+    return True
 
 
 def _encode(record: dict[str, Any]) -> str:

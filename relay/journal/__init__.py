@@ -2,6 +2,7 @@
 
 from relay.journal.base import (
     CommitResult,
+    ConversationTally,
     DeadLetter,
     Journal,
     JournalError,
@@ -10,6 +11,8 @@ from relay.journal.base import (
     JournalLockedError,
     JournalSchemaError,
     JournalStats,
+    LedgerBatch,
+    LedgerEntry,
     NewEvent,
     QuarantinedRecord,
     Routing,
@@ -20,6 +23,7 @@ from relay.journal.sqlite import SqliteJournal
 
 __all__ = [
     "CommitResult",
+    "ConversationTally",
     "DeadLetter",
     "Journal",
     "JournalError",
@@ -28,6 +32,8 @@ __all__ = [
     "JournalLockedError",
     "JournalSchemaError",
     "JournalStats",
+    "LedgerBatch",
+    "LedgerEntry",
     "NewEvent",
     "QuarantinedRecord",
     "Routing",

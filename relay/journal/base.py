@@ -131,6 +131,32 @@ class DeadLetter:
     replay: bool = False
 
 
+class LedgerEntry(NamedTuple):
+    """One provider message of an evacuated source, as the provider's history lists it."""
+
+    conversation: str
+    timestamp: int  # the provider's ms timestamp: with msg_id, the history's order
+    msg_id: str
+    error: str | None = None  # why it was quarantined instead of journaled, if it was
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBatch:
+    """The ledger entries of one committed batch, for one source."""
+
+    source: str
+    entries: Sequence[LedgerEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationTally:
+    """What the ledger holds of one conversation: how many, the first and the last."""
+
+    count: int
+    first: tuple[int, str]  # (timestamp, msg_id)
+    last: tuple[int, str]
+
+
 @dataclass(frozen=True)
 class JournalStats:
     path: str
@@ -157,8 +183,10 @@ class Journal(Protocol):
         *,
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
+        ledger: LedgerBatch | None = None,
     ) -> CommitResult:
-        """Atomically insert new events (dropping known ids), quarantine and cursor moves."""
+        """Atomically insert new events (dropping known ids), quarantine, cursor moves and
+        ledger entries (see the ledger section below)."""
 
     async def get_cursors(self, prefix: str) -> dict[str, str]:
         """Source cursors whose key starts with ``prefix``."""
@@ -226,6 +254,24 @@ class Journal(Protocol):
         """Drop events past retention that every sink has delivered; returns how many."""
 
     async def stats(self) -> JournalStats: ...
+
+    # -- the evacuation ledger ----------------------------------------------------
+    # A compact record of every message id a source has taken from a provider's
+    # history (journaled or quarantined), written in the same transaction as its
+    # batch and never compacted: it outlives ``retain``, so the completeness check at
+    # the end of an evacuation (``relay evacuate``) does not depend on events still
+    # being in the journal. Only the evacuated source writes it. Entries are unique on
+    # (source, timestamp, msg_id); the same entry committed twice counts once.
+
+    async def ledger_tallies(self, source: str, before_ms: int) -> dict[str, ConversationTally]:
+        """Per conversation, the source's entries with a timestamp below ``before_ms``."""
+
+    async def ledger_missing(self, source: str,
+                             keys: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+        """Those ``(timestamp, msg_id)`` keys the source's ledger does not hold, in order."""
+
+    async def ledger_quarantined(self, source: str, limit: int) -> list[LedgerEntry]:
+        """The source's entries that were quarantined, oldest first (at most ``limit``)."""
 
     def size_bytes(self) -> int:
         """Bytes the journal occupies on disk."""

@@ -35,8 +35,10 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from relay.journal import sqlite_ledger
 from relay.journal.base import (
     CommitResult,
+    ConversationTally,
     DeadLetter,
     JournalError,
     JournalFullError,
@@ -44,6 +46,8 @@ from relay.journal.base import (
     JournalLockedError,
     JournalSchemaError,
     JournalStats,
+    LedgerBatch,
+    LedgerEntry,
     NewEvent,
     QuarantinedRecord,
     SinkLag,
@@ -51,7 +55,7 @@ from relay.journal.base import (
 )
 from relay.private_files import make_private_dirs
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _T = TypeVar("_T")
 
@@ -87,6 +91,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             cid INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, action TEXT NOT NULL,
             arg TEXT NOT NULL, created_at INTEGER NOT NULL)""",
     ),
+    # The evacuation ledger: every message id an evacuated source took (relay evacuate).
+    2: sqlite_ledger.MIGRATION,
 }
 
 _EVENT_COLUMNS = "seq, id, fetched_at, routing, payload"
@@ -113,6 +119,7 @@ class _Pending:
     cursors: Mapping[str, str] | None = None
     quarantine: Sequence[QuarantinedRecord] = ()
     sink: tuple[str, int] | None = None
+    ledger: LedgerBatch | None = None
     result: CommitResult | None = None
     error: JournalError | None = None
     done: bool = False
@@ -162,6 +169,7 @@ class SqliteJournal:
         self._space_ok = True
         self._identity = self._file_identity()
         self._gone: str | None = None
+        self._ledger = sqlite_ledger.LedgerWriter()
 
     # -- opening -----------------------------------------------------------
 
@@ -377,10 +385,12 @@ class SqliteJournal:
                 try:
                     await self._write(lambda conn: self._apply_group(conn, group))
                 except JournalError as exc:
+                    self._ledger.forget()
                     for pending in group:
                         pending.error = exc
                     raise
                 except BaseException as exc:
+                    self._ledger.forget()
                     error = JournalError(f"journal write failed: {exc!r}")
                     for pending in group:
                         pending.error = error
@@ -427,6 +437,8 @@ class SqliteJournal:
                     " updated_at=excluded.updated_at",
                     [(k, v, now) for k, v in item.cursors.items()],
                 )
+            if item.ledger is not None:
+                self._ledger.write(conn, item.ledger)
             if item.sink is not None:
                 conn.execute(
                     "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
@@ -451,8 +463,9 @@ class SqliteJournal:
         *,
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
+        ledger: LedgerBatch | None = None,
     ) -> CommitResult:
-        item = _Pending(events=events, cursors=cursors, quarantine=quarantine)
+        item = _Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger)
         await self._group_commit(item)
         if item.error is not None:
             raise item.error
@@ -732,6 +745,20 @@ class SqliteJournal:
         if deleted:
             await self._w().run(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
         return deleted
+
+    # -- the evacuation ledger ------------------------------------------------
+
+    async def ledger_tallies(self, source: str, before_ms: int) -> dict[str, ConversationTally]:
+        return await self._reader.run(
+            lambda conn: sqlite_ledger.tallies(conn, source, before_ms))
+
+    async def ledger_missing(self, source: str,
+                             keys: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+        return await self._reader.run(lambda conn: sqlite_ledger.missing(conn, source, keys))
+
+    async def ledger_quarantined(self, source: str, limit: int) -> list[LedgerEntry]:
+        return await self._reader.run(
+            lambda conn: sqlite_ledger.quarantined(conn, source, limit))
 
     def size_bytes(self) -> int:
         total = 0

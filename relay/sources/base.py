@@ -25,6 +25,7 @@ from relay.journal import (
     Journal,
     JournalError,
     JournalFullError,
+    LedgerBatch,
     NewEvent,
     QuarantinedRecord,
 )
@@ -92,6 +93,7 @@ class SourceRuntime:
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
         grace_deadline: float | None = None,
+        ledger: LedgerBatch | None = None,
     ) -> CommitResult | None:
         """Journal one batch; retries while the disk is full. None only if given up at shutdown."""
         started = time.perf_counter()
@@ -99,7 +101,7 @@ class SourceRuntime:
         while True:
             try:
                 result = await self.journal.commit_batch(
-                    events, cursors=cursors, quarantine=quarantine
+                    events, cursors=cursors, quarantine=quarantine, ledger=ledger
                 )
                 break
             except JournalError as exc:

@@ -9,7 +9,9 @@ cursor) it begins ``start`` back (default 24 h; ``earliest`` = all history).
 
 The request quota is shared with the application's own API calls, so the
 relay keeps under ``requests_per_minute`` instead of discovering the quota by
-hitting it; a 429 still backs off (``Retry-After`` or about a minute).
+hitting it; a 429 still backs off (``Retry-After``, clamped to ``max_retry_after``, or
+about a minute), and every other call on the same app (``relay evacuate``'s lists and
+per-conversation reads) waits out the same penalty.
 Auth: ``X-LC-Id`` and ``X-LC-Sign: md5(timestamp_ms + master_key),timestamp_ms,master``
 (or ``X-LC-Key: <master_key>,master`` with ``auth = "key"``).
 """
@@ -18,15 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from relay import metrics
 from relay.checks import CheckResult
-from relay.config_base import Duration, HttpUrl, parse_point_in_time
+from relay.config_base import ByteSize, Duration, HttpUrl, parse_point_in_time
+from relay.journal import LedgerBatch, LedgerEntry, NewEvent, QuarantinedRecord
 from relay.logs import get_logger
 from relay.remote import display_url
 from relay.sources import http
@@ -40,7 +45,9 @@ from relay.sources.base import (
     observe_batch,
     request_outcome,
 )
+from relay.sources.budget import RequestBudget
 from relay.sources.http import Answer, HttpSourceConfig, ProviderClient
+from relay.sources.leancloud_api import LeanCloudApi, Throttle, clamp_remote_delay
 from relay.sources.leancloud_records import BadRecord, cursor_of, normalize, parse_answer
 from relay.sources.salvage import salvage, without_cut_off_tail
 
@@ -48,6 +55,25 @@ log = get_logger("relay.source.leancloud")
 
 PATH = "/1.2/rtm/messages"
 ENDPOINT = "messages"
+
+
+class EvacuationSettings(BaseModel):
+    """``[sources.NAME.evacuation]``: how ``relay evacuate`` exports this app's history."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The evacuation's share of the app's quota, which the app's own clients also spend
+    # (commercial apps default to 1,800 a minute, development apps have 120).
+    requests_per_minute: int = Field(default=900, ge=1, le=9000)
+    # The completeness check: every conversation ("full"), or a fixed sample of them.
+    verify: Literal["full", "sample"] = "full"
+    sample_ratio: float = Field(default=0.05, gt=0, le=1)
+    verify_concurrency: int = Field(default=4, ge=1, le=32)  # conversations checked at once
+    # Where the conversations file and the report go (and the archive when the
+    # configuration has no sink); default: "evacuation/<source>" beside the journal.
+    directory: str | None = None
+    progress_interval: Duration = 30.0  # plain progress lines when not on a terminal
+    archive_rotate_bytes: ByteSize = 1024**3  # the default archive's file size
 
 
 class LeanCloudSourceConfig(HttpSourceConfig):
@@ -61,7 +87,7 @@ class LeanCloudSourceConfig(HttpSourceConfig):
     limit: int = Field(default=1000, ge=1, le=1000)
     requests_per_minute: int = Field(default=120, ge=1, le=9000)
     throttle_backoff: Duration = 60.0
-
+    evacuation: EvacuationSettings = Field(default_factory=EvacuationSettings)
 
     @field_validator("start")
     @classmethod
@@ -81,13 +107,56 @@ def start_ms(value: str, now: int) -> int:
             from None
 
 
+class HistoryTracker(Protocol):
+    """Follows the tail through the whole history (``relay evacuate``).
+
+    With a tracker the source also writes the ledger (every record's id, in its
+    batch's transaction) and commits the tracker's own cursors with each batch.
+    """
+
+    def requested(self, outcome: str) -> None:
+        """One history request was answered (``ok``, ``empty``, ``throttled``, ...)."""
+
+    def batch_cursors(self, entries: Sequence[LedgerEntry],
+                      cursor: tuple[int, str]) -> dict[str, str]:
+        """Cursors to commit with this batch (before the commit)."""
+
+    def committed(self, entries: Sequence[LedgerEntry], cursor: tuple[int, str]) -> None:
+        """The batch is journaled."""
+
+    def read_up_to(self, till: int) -> None:
+        """Everything visible up to ``till`` (ms) has been read: a page came back short."""
+
+
 class LeanCloudSource:
     provider = "leancloud"
 
-    def __init__(self, name: str, config: LeanCloudSourceConfig) -> None:
+    def __init__(self, name: str, config: LeanCloudSourceConfig,
+                 tracker: HistoryTracker | None = None) -> None:
         self.name = name
         self.config = config
+        self.tracker = tracker
+        self.throttle = Throttle()  # shared by every call on this app from this process
         self._client: ProviderClient | None = None
+
+    def budget(self, runtime: SourceRuntime) -> RequestBudget:
+        """The app's request budget (per minute, shared): soft, no start-up hold-off."""
+        return runtime.budgets.get(("leancloud", self.config.app_id),
+                                   self.config.requests_per_minute, 60.0, holdoff=False)
+
+    @asynccontextmanager
+    async def api(self, runtime: SourceRuntime,
+                  on_request: Callable[[str, str], None] | None = None,
+                  ) -> AsyncIterator[LeanCloudApi]:
+        """Other calls on this app, under the same budget and 429 back-off as the tail."""
+        c = self.config
+        client = c.client(self.name)
+        try:
+            yield LeanCloudApi(c.base_url, self._headers, client, self.budget(runtime),
+                               self.throttle, throttle_backoff=c.throttle_backoff,
+                               retry_after_max=c.max_retry_after, on_request=on_request)
+        finally:
+            await client.aclose()
 
     @property
     def cursor_key(self) -> str:
@@ -119,9 +188,8 @@ class LeanCloudSource:
         errors = LoopErrors(self.name, ENDPOINT, ENDPOINT, health,
                             transient=(c.transient_backoff, c.transient_backoff_max),
                             config=(c.config_error_backoff, c.config_error_backoff_max))
-        # The quota is per minute and shared: a soft budget, no start-up hold-off.
-        budget = runtime.budgets.get(("leancloud", c.app_id), c.requests_per_minute, 60.0,
-                                     holdoff=False)
+        budget = self.budget(runtime)
+        tracker = self.tracker
         stored = (await runtime.journal.get_cursors(self.cursor_key)).get(self.cursor_key)
         cursor: tuple[int, str | None]
         if stored:
@@ -138,12 +206,15 @@ class LeanCloudSource:
                 await runtime.wait_for_space(self.name)
                 till = now_ms() - int(c.settle_delay * 1000)
                 if cursor[0] >= till:
+                    if tracker is not None:
+                        tracker.read_up_to(till)
                     await runtime.sleep(c.idle_interval)
                     continue
                 params = {"reversed": "true", "timestamp": str(cursor[0]),
                           "till_timestamp": str(till), "limit": str(limit)}
                 if cursor[1] is not None:
                     params["msgid"] = cursor[1]
+                await self.throttle.wait(runtime.stopping)
                 async with budget.slot() as waited:
                     if waited:
                         metrics.SOURCE_BUDGET_WAITS.labels(*labels).inc()
@@ -159,6 +230,9 @@ class LeanCloudSource:
                                 source=self.name, limit=limit)
                     continue
                 delay = self._classify(answer, errors)
+                if tracker is not None:
+                    tracker.requested("ok" if delay is None else
+                                      "throttled" if answer.status == 429 else "error")
                 if delay is not None:
                     await runtime.sleep(delay)
                     continue
@@ -183,6 +257,8 @@ class LeanCloudSource:
                                   " cannot move past it", source=self.name, records=len(records))
                         await runtime.sleep(errors.transient("no cursor in page"))
                     else:
+                        if tracker is not None:
+                            tracker.read_up_to(till)
                         await runtime.sleep(c.idle_interval)
                     continue
                 new_cursor = positions[-1]
@@ -190,14 +266,23 @@ class LeanCloudSource:
                     self.name, ENDPOINT, records,
                     partial(normalize, source=self.name, fetched_at=fetched_at),
                     max_record_bytes=c.max_record_bytes)
+                cursors = {self.cursor_key: orjson.dumps(new_cursor).decode()}
+                ledger: LedgerBatch | None = None
+                if tracker is not None:
+                    ledger = LedgerBatch(self.name, ledger_entries(self.name, records, events,
+                                                                   quarantine))
+                    cursors.update(tracker.batch_cursors(ledger.entries, new_cursor))
                 result = await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
-                                              cursors={self.cursor_key:
-                                                       orjson.dumps(new_cursor).decode()})
+                                              cursors=cursors, ledger=ledger)
                 if result is None:
                     break
                 cursor = new_cursor
                 observe_batch(self.name, ENDPOINT, events, fetched_at)
+                if tracker is not None and ledger is not None:
+                    tracker.committed(ledger.entries, new_cursor)
                 if len(records) < limit:
+                    if tracker is not None:
+                        tracker.read_up_to(till)
                     await runtime.sleep(c.idle_interval)
         finally:
             health.polling = False
@@ -226,8 +311,9 @@ class LeanCloudSource:
             return errors.transient(f"{answer.kind}: {answer.detail}")
         if answer.status == 429:
             metrics.SOURCE_REQUESTS.labels(*labels, "throttled").inc()
-            delay = answer.retry_after if answer.retry_after is not None else \
-                self.config.throttle_backoff
+            delay = clamp_remote_delay(answer.retry_after, self.config.throttle_backoff,
+                                       self.config.max_retry_after)
+            self.throttle.penalize(delay)
             log.warning("LeanCloud quota exceeded (shared with the application's own calls):"
                         " backing off", source=self.name, wait_seconds=round(delay, 1))
             return delay
@@ -261,6 +347,27 @@ class LeanCloudSource:
         return [CheckResult(f"source {self.name}", target, ok,
                             "reachable, credentials accepted" if ok
                             else f"HTTP {answer.status} {_error_text(answer.body)}")]
+
+
+def ledger_entries(source: str, records: Sequence[Any], events: Sequence[NewEvent],
+                   quarantine: Sequence[QuarantinedRecord]) -> list[LedgerEntry]:
+    """Every record of a page that has a (timestamp, msg-id), with why it was quarantined."""
+    journaled = {e.id for e in events}
+    errors = {q.raw: q.error for q in quarantine}
+    entries = []
+    for record in records:
+        position = cursor_of(record)
+        if position is None:
+            continue  # no id to prove anything with: the quarantine holds it raw
+        error = None
+        if f"{source}:{position[1]}" not in journaled:
+            try:
+                raw = orjson.dumps(record)
+            except TypeError:
+                raw = b""
+            error = errors.get(raw, "quarantined")
+        entries.append(LedgerEntry(str(record.get("conv-id")), position[0], position[1], error))
+    return entries
 
 
 def _error_text(body: Any) -> str:

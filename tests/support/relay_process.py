@@ -35,12 +35,12 @@ class RelayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self, *args: str) -> RelayProcess:
+    def start(self, *args: str, command: str = "run") -> RelayProcess:
         env = {**os.environ, **self.env}
         env.pop("NOTIFY_SOCKET", None)
         self._log = self.log_file.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "run", "--config", str(self.config_file), *args],
+            [sys.executable, "-m", "relay", command, "--config", str(self.config_file), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
         return self
