@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from relay import metrics
+from relay import metrics, status
 from relay.config import RelayConfig
 from relay.http_server import OpsServer
 from relay.journal import Journal, JournalError, SqliteJournal
@@ -31,6 +31,14 @@ from relay.sources import Source, SourceRuntime, build_source
 from relay.sources.budget import BudgetRegistry
 
 log = get_logger("relay")
+
+
+class StartupError(Exception):
+    """The environment refuses what the configuration asks (a port in use): exit 2.
+
+    The message names the setting; systemd's ``RestartPreventExitStatus=2`` then
+    stops restarting a relay that cannot start as configured.
+    """
 
 HOUSEKEEPING_INTERVAL = 5.0
 
@@ -53,23 +61,34 @@ class Relay:
     # -- readiness ---------------------------------------------------------
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
+        """``/readyz``: ready while the journal is open, sources poll and sinks deliver.
+
+        A sink that has delivered nothing yet is ``idle`` (ready: a quiet relay is
+        healthy); one whose last attempt failed is not, whatever it did before.
+        """
         checks: dict[str, str] = {}
         checks["journal"] = "open" if self.journal is not None else "closed"
         if self.runtime is not None:
             for key, health in self.runtime.health.items():
                 if health.config_error:
                     checks[f"source {key}"] = f"config error: {health.config_error}"
+                elif health.last_error:
+                    checks[f"source {key}"] = f"failing: {health.last_error}"
                 else:
                     checks[f"source {key}"] = "polling" if health.polling else "stopped"
         for runner in self.runners:
-            h = runner.health
-            checks[f"sink {runner.name}"] = (
-                f"paused: {h.paused}" if h.paused else "connected" if h.connected else "down"
-            )
+            state, error = runner.state()
+            checks[f"sink {runner.name}"] = f"{state}: {error}" if error and state not in (
+                "idle", "delivering") else state
         ready = self.journal is not None and all(
-            v in ("open", "polling", "connected") for v in checks.values()
+            v in ("open", "polling", "idle", "delivering") for v in checks.values()
         )
         return ready, checks
+
+    def stats(self) -> dict[str, Any]:
+        """``/stats``: the live figures ``relay top`` shows."""
+        health = self.runtime.health if self.runtime is not None else {}
+        return status.snapshot(health, self.runners)
 
     # -- running -----------------------------------------------------------
 
@@ -88,9 +107,14 @@ class Relay:
             self.runners = [
                 SinkRunner(build_sink(name, cfg), cfg, journal) for name, cfg in c.sinks.items()
             ]
-            ops = OpsServer(c.metrics.listen, self.readiness) if c.metrics.enabled else None
+            ops = OpsServer(c.metrics.listen, self.readiness, self.stats) \
+                if c.metrics.enabled else None
             if ops is not None:
-                await ops.start()
+                try:
+                    await ops.start()
+                except OSError as exc:
+                    raise StartupError(f"metrics.listen: cannot listen on {c.metrics.listen}:"
+                                       f" {exc.strerror or exc}") from None
                 self.metrics_port = ops.port
             try:
                 await self._run_components(on_ready)
@@ -119,6 +143,8 @@ class Relay:
                 outer.start_soon(self._watch_signals, workers)
                 async with anyio.create_task_group() as control:
                     control.start_soon(self._housekeeping)
+                    if self.config.log.progress_interval > 0:
+                        control.start_soon(self._progress, self.config.log.progress_interval)
                     watchdog = self.notifier.watchdog_interval()
                     if watchdog is not None:
                         control.start_soon(self._watchdog, watchdog)
@@ -204,6 +230,7 @@ class Relay:
                 removed = await journal.compact(int(time.time() * 1000))
                 if removed:
                     metrics.JOURNAL_COMPACTED.inc(removed)
+                    metrics.JOURNAL_EVENTS.dec(removed)
                     log.info("journal compacted", events=removed)
             if now - last_stats >= 30:
                 last_stats = now
@@ -221,6 +248,15 @@ class Relay:
                     size_bytes=size, limit_bytes=limit,
                 )
             await anyio.sleep(HOUSEKEEPING_INTERVAL)
+
+    async def _progress(self, interval: float) -> None:
+        """One log line per interval: what came in per source, went out per sink, and lag."""
+        before = self.stats()
+        while True:
+            await anyio.sleep(interval)
+            now = self.stats()
+            log.info("progress", interval_seconds=interval, **status.progress(now, before))
+            before = now
 
     async def _watchdog(self, interval: float) -> None:
         """systemd's watchdog: pinged from its own task, so a long compaction never trips it.

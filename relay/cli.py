@@ -6,14 +6,15 @@ usage (the message names the key), or the journal is held by another relay.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import signal
+import logging
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -22,10 +23,17 @@ import anyio.to_thread
 import click
 
 from relay import __version__
+from relay.checks import CheckResult
 from relay.config import AdminView, ConfigError, RelayConfig, load_admin_view, load_config
 from relay.config_base import parse_point_in_time
 from relay.event import json_schema
-from relay.journal import JournalError, JournalLockedError, JournalStats, SqliteJournal
+from relay.journal import (
+    JournalError,
+    JournalLockedError,
+    JournalStats,
+    JournalUnusableError,
+    SqliteJournal,
+)
 from relay.logs import configure_logging, register_secrets
 
 _T = TypeVar("_T")
@@ -36,11 +44,19 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def config_failure(exc: ConfigError) -> NoReturn:
+    """Every problem of a configuration, one per line, and exit 2."""
+    if len(exc.problems) == 1:
+        fail(f"invalid configuration: {exc.problems[0]}")
+    fail(f"invalid configuration ({len(exc.problems)} problems):\n"
+         + "\n".join(f"  {problem}" for problem in exc.problems))
+
+
 def _load(config_file: str | None, **kwargs: Any) -> RelayConfig:
     try:
         config = load_config(config_file, **kwargs)
     except ConfigError as exc:
-        fail(f"invalid configuration: {exc}")
+        config_failure(exc)
     register_secrets(config.secret_values())
     return config
 
@@ -51,10 +67,15 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             invoke_without_command=True)
 @click.version_option(__version__, prog_name="relay")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """IM Relay: RongCloud, WuKongIM and LeanCloud messages → journal → Kafka, webhooks, files."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())  # asking for nothing is not a usage error
+        ctx.exit(0)
 
 
 @main.command()
@@ -67,12 +88,12 @@ def run(config_file: str | None) -> None:
 
 
 def _run_relay(config: RelayConfig, on_ready: Callable[[Any], Any] | None = None) -> None:
-    from relay.app import Relay
+    from relay.app import Relay, StartupError
 
     relay = Relay(config)
     try:
         anyio.run(relay.run, on_ready)
-    except JournalLockedError as exc:
+    except (JournalLockedError, JournalUnusableError, StartupError) as exc:
         fail(str(exc))
     except JournalError as exc:
         fail(str(exc), 1)
@@ -105,6 +126,46 @@ def evacuate(config_file: str | None, source_name: str, exit_when_done: bool) ->
     except JournalError as exc:
         fail(str(exc), 1)
     sys.exit(code)
+
+
+def stats_url(listen: str) -> str:
+    """Where a running relay serves ``/stats``, from its ``metrics.listen``."""
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "", "*"):  # noqa: S104 - reading, not binding
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "[::1]"
+    return f"http://{host}:{port}/stats"
+
+
+@main.command()
+@config_option
+@click.option("--url", help="The relay's /stats URL (default: from metrics.listen).")
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+def top(config_file: str | None, url: str | None, interval: float, once: bool) -> None:
+    """A live view of a running relay: sources, sinks and the journal, every second."""
+    from relay.top import run
+
+    if url is None:
+        try:
+            config = load_config(config_file, require_components=False)
+        except ConfigError as exc:
+            config_failure(exc)
+        if not config.metrics.enabled:
+            fail("metrics.enabled is false: the relay serves no /stats to read")
+        url = stats_url(config.metrics.listen)
+    with contextlib.suppress(KeyboardInterrupt):
+        run(url, interval=interval, iterations=1 if once else None, quiet_first=once)
+
+
+@main.command("config-schema")
+def config_schema() -> None:
+    """Print the JSON Schema of the configuration (relay.toml), for editors and CI."""
+    from relay.config import config_json_schema
+
+    click.echo(json.dumps(config_json_schema(), indent=2, ensure_ascii=False))
 
 
 @main.command()
@@ -188,24 +249,35 @@ def status(config_file: str | None, as_json: bool) -> None:
 
 @main.command()
 @config_option
-def check(config_file: str | None) -> None:
+@click.option("--offline", is_flag=True,
+              help="Only validate the configuration and the local environment (journal folder,"
+                   " listen address): reach no provider and no destination.")
+def check(config_file: str | None, offline: bool) -> None:
     """Validate the configuration and reach every endpoint without consuming anything."""
     config = _load(config_file)
     configure_logging("error", "console")
+    # aiokafka and aiohttp log through the standard library: a failed check is reported
+    # below, once, not also as a stray library line.
+    logging.getLogger().setLevel(logging.CRITICAL)
+    results = [SqliteJournal.check_path(config.journal.path, config.journal.min_free_bytes)]
+    if config.metrics.enabled:
+        results.append(_check_listen(config.metrics.listen, held=results[0].warning))
 
     async def probe() -> list[Any]:
         from relay.sinks import build_sink
         from relay.sources import build_source
 
-        results: list[Any] = []
+        found: list[Any] = []
         for name, cfg in config.sources.items():
-            results.extend(await build_source(name, cfg).check())
+            found.extend(await build_source(name, cfg).check())
         for name, sink_cfg in config.sinks.items():
-            results.extend(await build_sink(name, sink_cfg).check())
-        return results
+            found.extend(await build_sink(name, sink_cfg).check())
+        return found
 
-    results = anyio.run(probe)
-    click.echo(f"configuration ok: {len(config.sources)} source(s), {len(config.sinks)} sink(s)")
+    if not offline:
+        results += anyio.run(probe)
+    click.echo(f"configuration ok: {len(config.sources)} source(s), {len(config.sinks)} sink(s)"
+               + (" (offline: no provider or destination reached)" if offline else ""))
     failed = 0
     for r in results:
         mark = "ok  " if r.ok else "FAIL"
@@ -216,6 +288,23 @@ def check(config_file: str | None) -> None:
     sys.exit(1 if failed else 0)
 
 
+def _check_listen(listen: str, *, held: bool) -> CheckResult:
+    """Whether the metrics address can be listened on (a running relay already holds it)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind(infos[0][4])
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+        if held:
+            return CheckResult("metrics.listen", listen, True,
+                               f"{detail} (the running relay holds it)", warning=True)
+        return CheckResult("metrics.listen", listen, False, detail)
+    return CheckResult("metrics.listen", listen, True, "free to listen on")
+
+
 # -- dead letters and replay ------------------------------------------------
 
 
@@ -223,7 +312,7 @@ def _admin_view(config_file: str | None) -> AdminView:
     try:
         return load_admin_view(config_file)
     except ConfigError as exc:
-        fail(f"invalid configuration: {exc}")
+        config_failure(exc)
 
 
 def _admin_journal(view: AdminView) -> SqliteJournal:
@@ -393,15 +482,17 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
     config = _load(config_file, require_components=False)
 
     async def apply() -> dict[str, int]:
-        journal = SqliteJournal.open(config.journal.path)
+        # Counting changes nothing: it may run beside a running relay.
+        journal = SqliteJournal.open_admin(config.journal.path) if dry_run else \
+            SqliteJournal.open(config.journal.path)
         try:
             counts = await journal.erase_user(user_id, dry_run=dry_run)
         finally:
             await journal.close()
         for name, sink in config.sinks.items():
-            if isinstance(sink, FileSinkConfig) and not dry_run:
+            if isinstance(sink, FileSinkConfig):
                 counts[f"file sink {name}"] = await anyio.to_thread.run_sync(
-                    erase_user_from_files, Path(sink.path), user_id)
+                    partial(erase_user_from_files, Path(sink.path), user_id, dry_run=dry_run))
         return counts
 
     try:
@@ -423,31 +514,17 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
 
 def _serve_emulator(emulator: Any, host: str, ports: tuple[int, ...], banner: dict[str, Any],
                     start_traffic: Callable[[], None]) -> None:
-    """Serve an emulator until SIGINT/SIGTERM; print one JSON line with its addresses first."""
+    """Serve an emulator until SIGINT/SIGTERM (see :func:`relay.emulators.serve.serve`)."""
+    from relay.emulators.serve import ListenError, serve
 
-    async def serve() -> None:
-        server = emulator.make_server(host, list(ports))
-        await server.start()
-        start_traffic()
-        click.echo(json.dumps({**banner, "urls": server.urls,
-                               "admin": f"{server.urls[0]}/_emulator/stats"}))
+    def announce(line: str) -> None:
+        click.echo(line)
         sys.stdout.flush()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            emulator.set_traffic(0)
-            await server.stop()
 
-    async def main_task() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve()
-
-    asyncio.run(main_task())
+    try:
+        serve(emulator, host, ports, banner, start_traffic, announce=announce)
+    except ListenError as exc:
+        fail(str(exc))
 
 
 def _fault_options(command: Callable[..., None]) -> Callable[..., None]:

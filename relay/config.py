@@ -2,17 +2,20 @@
 
 ``RELAY_SOURCES__RC__APP_SECRET=...`` overrides ``[sources.rc] app_secret``
 (``__`` separates levels; names are case-insensitive, so source and sink
-names are lowercase). Secrets can also come from ``*_file`` paths. Any
-problem raises :class:`ConfigError` with one message naming the key; the CLI
-turns it into exit status 2. Messages never quote the offending value: it
-might be a secret.
+names are lowercase). Secrets can also come from ``*_file`` paths. Problems
+raise :class:`ConfigError` holding every problem found, one line each naming
+its key (with "did you mean" for a misspelt key, and saying when the value came
+from the environment); the CLI turns it into exit status 2. Messages never
+quote the offending value: it might be a secret.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,12 +28,26 @@ from relay.sinks import SINKS, SinkConfigUnion
 from relay.sources import SOURCES, SourceConfig
 
 DEFAULT_CONFIG_FILE = "relay.toml"
+
+
+def _models_by_type(union: Any) -> dict[str, Any]:
+    """``type`` value → config model, from an ``Annotated[A | B, Field(discriminator)]``."""
+    members = typing.get_args(typing.get_args(union)[0])
+    return {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+
+
+_SOURCE_MODELS = _models_by_type(SourceConfig)
+_SINK_MODELS = _models_by_type(SinkConfigUnion)
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 RETENTION_FLOOR = 3 * 3600.0  # RongCloud keeps undelivered data 3 h: dedup at least that long
 
 
 class ConfigError(Exception):
-    """An invalid configuration; the message names the key."""
+    """An invalid configuration: every problem found, one line each, naming its key."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class JournalConfig(BaseModel):
@@ -72,6 +89,8 @@ class LogConfig(BaseModel):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: LogFormat = "auto"
+    # A "progress" line every so often: events in per source, out per sink, lag. 0 = none.
+    progress_interval: Duration = 30.0
 
 
 class RelayConfig(BaseSettings):
@@ -120,40 +139,86 @@ class RelayConfig(BaseSettings):
         return values
 
 
-def _format_location(loc: tuple[int | str, ...]) -> str:
+def _format_location(loc: tuple[int | str, ...]) -> list[str]:
     # Names come from the file: never let one carry control characters into the message.
     parts = [str(p) if str(p).isprintable() else repr(str(p)) for p in loc]
     # Discriminated unions add the tag ("rongcloud", "file") after the table name.
     tags = {"sources": SOURCES.keys(), "sinks": SINKS.keys()}
     if len(parts) >= 3 and parts[0] in tags and parts[2] in tags[parts[0]]:
         del parts[2]
-    return ".".join(parts)
+    return parts
 
 
-def _format_error(exc: ValidationError) -> str:
-    error = exc.errors(include_input=False, include_url=False)[0]
-    key = _format_location(tuple(error["loc"]))
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The setting names allowed where an unknown key ``loc`` was found."""
+    model: Any = RelayConfig
+    path = list(loc[:-1])
+    while path:
+        key = path.pop(0)
+        if model is RelayConfig and key in ("sources", "sinks") and len(path) >= 2:
+            registry = {"sources": _SOURCE_MODELS, "sinks": _SINK_MODELS}[str(key)]
+            path.pop(0)  # the component's name
+            model = registry.get(str(path.pop(0)))
+        else:
+            field = getattr(model, "model_fields", {}).get(str(key))
+            annotation = getattr(field, "annotation", None)
+            model = annotation if isinstance(annotation, type) else None
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _environment_keys() -> dict[tuple[str, ...], str]:
+    """Configuration paths set from the environment, with the variable's name."""
+    found = {}
+    for name in os.environ:
+        if name.upper().startswith("RELAY_") and name.upper() != "RELAY_CONFIG_FILE":
+            path = tuple(part.lower() for part in name[len("RELAY_"):].split("__"))
+            found[path] = name
+    return found
+
+
+def _describe_problem(error: Any, from_env: dict[tuple[str, ...], str]) -> str:
+    loc = tuple(error["loc"])
+    parts = _format_location(loc)
     kind = error["type"]
     if kind == "missing":
         message = "is required"
     elif kind == "extra_forbidden":
         message = "is not a known setting"
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1, cutoff=0.6)
+        if close:
+            message += f" (did you mean {close[0]}?)"
     elif kind == "union_tag_invalid":
         message = f"unknown type ({error['msg'].split(':', 1)[-1].strip()})"
-        key = f"{key}.type"
+        parts.append("type")
     elif kind == "union_tag_not_found":
         message = "needs a type"
-        key = f"{key}.type"
+        parts.append("type")
     else:
         message = str(error["msg"]).removeprefix("Value error, ")
         # Validators report the sub-key themselves as "key: message".
         head, sep, rest = message.partition(": ")
         if sep and re.fullmatch(r"[a-z_]+", head):
-            key = f"{key}.{head}" if key else head
+            parts.append(head)
             message = rest
-    more = len(exc.errors())
-    suffix = f" (and {more - 1} more problem{'s' if more > 2 else ''})" if more > 1 else ""
-    return f"{key}: {message}{suffix}" if key else f"{message}{suffix}"
+    key = ".".join(parts)
+    lowered = tuple(p.lower() for p in parts)
+    for path, variable in from_env.items():
+        if lowered[:len(path)] == path or path[:len(lowered)] == lowered:
+            message += f" (the value comes from the environment: {variable})"
+            break
+    return f"{key}: {message}" if key else message
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    from_env = _environment_keys()
+    problems: list[str] = []
+    for error in exc.errors(include_input=False, include_url=False):
+        problem = _describe_problem(error, from_env)
+        if problem not in problems:
+            problems.append(problem)
+    return problems
 
 
 class AdminView(BaseModel):
@@ -193,9 +258,36 @@ def parse_config(data: dict[str, Any]) -> RelayConfig:
     try:
         return RelayConfig(**data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise ConfigError(_format_errors(exc)) from None
     except (TypeError, ValueError) as exc:  # e.g. environment values that are not JSON
         raise ConfigError(str(exc)) from None
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``relay.toml``, as editors and CI validate it.
+
+    Generated from the models; every secret ``X`` also accepts ``X_file`` (a path),
+    as the loader does.
+    """
+    schema = RelayConfig.model_json_schema()
+    for model in schema.get("$defs", {}).values():
+        properties = model.get("properties", {})
+        for name, prop in list(properties.items()):
+            if _is_secret(prop):
+                properties[f"{name}_file"] = {
+                    "type": "string", "description": f"a file holding {name} (instead of it)"}
+                if name in model.get("required", []):
+                    model["required"].remove(name)
+                    model.setdefault("anyOf", []).append({"required": [name]})
+                    model["anyOf"].append({"required": [f"{name}_file"]})
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "IM Relay configuration (relay.toml)"
+    return schema
+
+
+def _is_secret(prop: dict[str, Any]) -> bool:
+    options = prop.get("anyOf", [prop])
+    return any(o.get("format") == "password" for o in options)
 
 
 def config_path(explicit: str | None) -> Path:

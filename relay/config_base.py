@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     SecretStr,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -87,9 +88,18 @@ def check_http_url(url: str) -> str:
     return url.rstrip("/")
 
 
-HttpUrl = Annotated[str, AfterValidator(check_http_url)]
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
+HttpUrl = Annotated[str, AfterValidator(check_http_url),
+                    WithJsonSchema({"type": "string", "pattern": "^https?://"})]
+# What editors validate against (relay config-schema): a number, or the same text forms.
+_DURATION_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0},
+                              {"type": "string", "pattern": _DURATION.pattern}],
+                    "description": "seconds, or 500ms, 30s, 5m, 2h, 1d"}
+_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0},
+                          {"type": "string",
+                           "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgGtT][iI]?[bB]?|[bB])?\s*$"}],
+                "description": "bytes, or 64k, 512MiB, 10GB"}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
+ByteSize = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]
 
 
 def _secret_fields(model: type[BaseModel]) -> list[str]:

@@ -1,9 +1,15 @@
-"""The operations endpoint: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz``."""
+"""The operations endpoint: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz``, ``/stats``.
+
+``/stats`` is the relay's live figures as JSON (:mod:`relay.status`), what
+``relay top`` reads; like ``/metrics`` it holds no secrets and no chat content.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -11,11 +17,13 @@ from relay.metrics import REGISTRY
 
 
 class OpsServer:
-    def __init__(self, listen: str, readiness: Callable[[], tuple[bool, dict[str, str]]]) -> None:
+    def __init__(self, listen: str, readiness: Callable[[], tuple[bool, dict[str, str]]],
+                 stats: Callable[[], dict[str, Any]] | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
         self._readiness = readiness
+        self._stats = stats
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, _request: web.Request) -> web.Response:
@@ -30,9 +38,15 @@ class OpsServer:
         ready, details = self._readiness()
         return web.json_response({"ready": ready, "checks": details}, status=200 if ready else 503)
 
+    async def _stats_route(self, _request: web.Request) -> web.Response:
+        if self._stats is None:
+            return web.json_response({"error": "no figures"}, status=404)
+        return web.Response(body=orjson.dumps(self._stats()), content_type="application/json")
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/stats", self._stats_route)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

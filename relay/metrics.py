@@ -1,7 +1,7 @@
 """Every Prometheus metric the relay exports, in one registry.
 
 Names follow ``relay_<noun>_<unit>``; labels are low-cardinality only
-(source, endpoint, sink, outcome, stage) — never event ids, user ids or URLs.
+(source, endpoint, sink, outcome) — never event ids, user ids or URLs.
 """
 
 from __future__ import annotations

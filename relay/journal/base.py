@@ -10,6 +10,8 @@ Exceptions::
     ├── JournalLockedError   another relay holds the journal (exit 2)
     ├── JournalFullError     no space left: stop acknowledging, retry later
     ├── JournalSchemaError   the file was written by a newer relay
+    ├── JournalUnusableError the configured storage cannot be used (a path under a
+    │                        file, a folder that is not writable): exit 2
     └── JournalGoneError     the journal's file was deleted or replaced under the
                              relay: fatal (``fatal = True``), stop and exit non-zero
 """
@@ -40,6 +42,10 @@ class JournalFullError(JournalError):
 
 class JournalSchemaError(JournalError):
     """The journal was written by a newer version and cannot be migrated."""
+
+
+class JournalUnusableError(JournalError):
+    """The journal cannot be opened where the configuration says: a configuration problem."""
 
 
 class JournalGoneError(JournalError):

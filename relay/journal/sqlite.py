@@ -35,6 +35,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from relay.checks import CheckResult
 from relay.journal import sqlite_ledger
 from relay.journal.base import (
     CommitResult,
@@ -46,6 +47,7 @@ from relay.journal.base import (
     JournalLockedError,
     JournalSchemaError,
     JournalStats,
+    JournalUnusableError,
     LedgerBatch,
     LedgerEntry,
     NewEvent,
@@ -100,6 +102,15 @@ _EVENT_COLUMNS = "seq, id, fetched_at, routing, payload"
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid the lock's holder wrote into the lock file, if it looks like one."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
 
 
 def _is_disk_full(exc: sqlite3.Error) -> bool:
@@ -183,16 +194,25 @@ class SqliteJournal:
     ) -> SqliteJournal:
         """Open (creating and migrating) the journal for writing; takes the single-writer lock."""
         db_path = Path(path)
-        make_private_dirs(db_path.parent)
-        lock_fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            make_private_dirs(db_path.parent)
+            lock_fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise JournalUnusableError(
+                f"journal.path: cannot use {db_path}: {exc.strerror}"
+                f" ({exc.filename or db_path.parent})") from None
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _lock_holder(lock_fd)
             os.close(lock_fd)
             raise JournalLockedError(
-                f"the journal {db_path} is in use by another relay process "
-                "(one writer per journal)"
+                f"the journal {db_path} is in use by another relay process"
+                f"{f' (pid {holder})' if holder else ''} (one writer per journal)"
             ) from None
+        # Who holds the lock, for the next one to say (the lock itself is the flock).
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
         try:
             # Chat content: owner-only from the first byte. SQLite gives the
             # -wal and -shm files the permissions of the main file.
@@ -202,7 +222,12 @@ class SqliteJournal:
             reader = cls._connect(db_path)
         except sqlite3.Error as exc:
             os.close(lock_fd)
-            raise JournalError(f"cannot open the journal {db_path}: {exc}") from None
+            raise JournalUnusableError(f"journal.path: cannot open the journal {db_path}: {exc}")\
+                from None
+        except OSError as exc:
+            os.close(lock_fd)
+            raise JournalUnusableError(
+                f"journal.path: cannot create {db_path}: {exc.strerror}") from None
         except BaseException:
             os.close(lock_fd)
             raise
@@ -258,6 +283,42 @@ class SqliteJournal:
                 f"the journal {db_path} has schema version {version}, this relay {SCHEMA_VERSION}:"
                 " run this relay version once (relay run) to migrate it first")
         return cls(db_path, writer, reader, None, retain_ms=0, min_free_bytes=0)
+
+    @staticmethod
+    def check_path(path: str | os.PathLike[str], min_free_bytes: int) -> CheckResult:
+        """Whether a journal can live at ``path`` (for ``relay check``; touches nothing)."""
+        db_path = Path(path)
+        folder = db_path.parent
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        target = str(db_path)
+        if not probe.is_dir():
+            return CheckResult("journal", target, False, f"{probe} is not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK) or (
+                db_path.exists() and not os.access(db_path, os.R_OK | os.W_OK)):
+            return CheckResult("journal", target, False, f"{probe} is not writable")
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError as exc:
+            return CheckResult("journal", target, False, f"cannot stat {probe}: {exc.strerror}")
+        if free < min_free_bytes:
+            return CheckResult("journal", target, False,
+                               f"only {free} bytes free (journal.min_free_bytes {min_free_bytes})")
+        lock = Path(f"{db_path}.lock")
+        if lock.exists():
+            fd = os.open(lock, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                return CheckResult("journal", target, True,
+                                   f"held by a running relay{f' (pid {holder})' if holder else ''}",
+                                   warning=True)
+            finally:
+                os.close(fd)
+        state = "exists" if db_path.exists() else "will be created"
+        return CheckResult("journal", target, True, f"writable, {free / 1e9:.1f} GB free ({state})")
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:

@@ -36,9 +36,11 @@ class SinkError(Exception):
 
 
 class RetryableError(SinkError):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *,
+                 state: str = "retrying") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.state = state  # what operators see meanwhile ("retrying", "breaker_open")
 
 
 class SinkPausedError(SinkError):

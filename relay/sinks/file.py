@@ -82,11 +82,12 @@ class FileEraseError(Exception):
     """A sink file could not be read whole, so one user's events could not be erased from it."""
 
 
-def erase_user_from_files(path: Path, user_id: str) -> int:
+def erase_user_from_files(path: Path, user_id: str, *, dry_run: bool = False) -> int:
     """Rewrite the sink's file and its rotated siblings without one user's events.
 
     Each file is rewritten to a temporary file and renamed over the original,
-    so a crash leaves either the old or the new file. Returns events removed.
+    so a crash leaves either the old or the new file. Returns events removed
+    (with ``dry_run``, only counts them and changes nothing).
     """
     removed = 0
     pattern = f"{path.stem}-*{path.suffix}"
@@ -114,7 +115,8 @@ def erase_user_from_files(path: Path, user_id: str) -> int:
         except (OSError, EOFError) as exc:
             raise FileEraseError(f"{file}: cannot read it whole ({exc}); nothing was erased"
                                  " from it") from None
-        if not dropped:
+        if not dropped or dry_run:
+            removed += dropped
             continue
         tmp = file.with_name(f".{file.name}.erasing")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

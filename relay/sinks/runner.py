@@ -35,10 +35,13 @@ REQUEST_POLL_INTERVAL = 1.0  # how often a running sink looks for CLI requests
 
 @dataclass
 class SinkHealth:
-    connected: bool = False  # the last delivery attempt succeeded
+    connected: bool = False  # started, and the last delivery attempt (if any) succeeded
     paused: str | None = None
     cursor: int = 0
     last_error: str = ""
+    # starting → idle (nothing delivered yet) → delivering; retrying, breaker_open, paused
+    state: str = "starting"
+    delivered: bool = False
 
 
 class SinkRunner:
@@ -80,6 +83,7 @@ class SinkRunner:
                 continue
             self._backoff.reset()
             self.health.connected = True
+            self.health.state = "delivering" if self.health.delivered else "idle"
             metrics.SINK_UP.labels(self.name).set(1)
             return True
         return False
@@ -162,7 +166,7 @@ class SinkRunner:
             try:
                 result = await self.sink.deliver(pending)
             except RetryableError as exc:
-                self._note_failure("retry", str(exc))
+                self._note_failure("retry", str(exc), exc.state)
                 delay = self._retry_delay(exc.retry_after)
                 log.warning("delivery failed; retrying", sink=self.name, events=len(pending),
                             error=str(exc), retry_in_seconds=round(delay, 2))
@@ -173,6 +177,7 @@ class SinkRunner:
                               " must act", sink=self.name, error=str(exc),
                               retry_in_seconds=round(self.config.paused_retry))
                 self.health.paused = str(exc)
+                self.health.state = "paused"
                 delay = self.config.paused_retry
             except SinkError as exc:
                 self._note_failure("retry", str(exc))
@@ -241,17 +246,24 @@ class SinkRunner:
                 log.info("journal writable again", sink=self.name, what=what)
             return True
 
-    def _note_failure(self, outcome: str, error: str) -> None:
+    def _note_failure(self, outcome: str, error: str, state: str = "retrying") -> None:
         metrics.SINK_ATTEMPTS.labels(self.name, outcome).inc()
         metrics.SINK_UP.labels(self.name).set(0)
         self.health.connected = False
         self.health.last_error = error
+        self.health.state = state
+
+    def state(self) -> tuple[str, str]:
+        """What ``/stats`` and ``relay top`` show: the state and the last error."""
+        return self.health.state, self.health.last_error
 
     def _succeeded(self) -> None:
         if self.health.paused or not self.health.connected:
             log.info("sink delivering", sink=self.name)
         self.health.paused = None
         self.health.connected = True
+        self.health.delivered = True
+        self.health.state = "delivering"
         self._backoff.reset()
         metrics.SINK_UP.labels(self.name).set(1)
         metrics.SINK_ATTEMPTS.labels(self.name, "ok").inc()

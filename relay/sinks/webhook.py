@@ -190,7 +190,7 @@ class WebhookSink:
         wait = self._breaker.remaining()
         if wait > 0:
             raise RetryableError(f"circuit breaker open: {self._shown_url} did not answer",
-                                 retry_after=wait)
+                                 retry_after=wait, state="breaker_open")
         lanes: list[list[StoredEvent]] = [[] for _ in range(self.config.concurrency)]
         for event in events:
             # By conversation: one lane per conversation keeps its order.

@@ -30,7 +30,7 @@ from relay.journal import (
     QuarantinedRecord,
 )
 from relay.logs import get_logger
-from relay.sources.budget import BudgetRegistry
+from relay.sources.budget import BudgetRegistry, RequestBudget
 from relay.sources.http import Answer
 from relay.sources.salvage import Unparsed, dump_any
 
@@ -46,11 +46,14 @@ def now_ms() -> int:
 
 @dataclass
 class SourceHealth:
-    """What ``/readyz`` needs to know about a source."""
+    """What ``/readyz``, ``/stats`` and ``relay top`` know about one polling loop."""
 
+    endpoint: str = ""  # the ``endpoint`` label of its metrics
     polling: bool = False
     last_success: float = 0.0
     config_error: str | None = None
+    last_error: str = ""  # the last failure, until a request succeeds again
+    budget: RequestBudget | None = None  # the request budget it spends, if any
 
 
 @dataclass
@@ -146,6 +149,8 @@ class SourceRuntime:
         metrics.SOURCE_EVENTS.labels(source, endpoint, "duplicate").inc(result.duplicates)
         metrics.SOURCE_EVENTS.labels(source, endpoint, "quarantined").inc(result.quarantined)
         metrics.JOURNAL_LAST_SEQ.set(result.last_seq)
+        # At once, not at the next recount: relay_journal_events must agree with relay status.
+        metrics.JOURNAL_EVENTS.inc(result.new)
         return result
 
 
@@ -268,6 +273,7 @@ class LoopErrors:
         self._transient.reset()
         self._config.reset()
         self.health.last_success = time.time()
+        self.health.last_error = ""
         metrics.SOURCE_LAST_SUCCESS.labels(self.source, endpoint or self.endpoint).set(
             self.health.last_success)
         if self.health.config_error:
@@ -279,6 +285,7 @@ class LoopErrors:
     def config_error(self, detail: str) -> float:
         """Record a configuration problem; returns how long to wait before retrying."""
         self.health.config_error = detail
+        self.health.last_error = detail
         metrics.SOURCE_CONFIG_ERROR.labels(self.source).set(1)
         delay = self._config.next()
         log.error(
@@ -290,10 +297,13 @@ class LoopErrors:
 
     def transient(self, detail: str, *, level: str = "warning") -> float:
         delay = self._transient.next()
+        self.health.last_error = detail
         getattr(log, level)("provider request failed; retrying", source=self.source,
                             loop=self.what, detail=detail, retry_in_seconds=round(delay, 2))
         return delay
 
-    def transient_delay(self) -> float:
+    def transient_delay(self, detail: str = "") -> float:
         """The next transient back-off, for callers that log the failure themselves."""
+        if detail:
+            self.health.last_error = detail
         return self._transient.next()

@@ -183,12 +183,14 @@ class LeanCloudSource:
     async def run(self, runtime: SourceRuntime) -> None:
         c = self.config
         metrics.init_source(self.name, [ENDPOINT])
-        health = runtime.health.setdefault(f"{self.name}/{ENDPOINT}", SourceHealth())
+        health = runtime.health.setdefault(f"{self.name}/{ENDPOINT}",
+                                           SourceHealth(endpoint=ENDPOINT))
         health.polling = True
         errors = LoopErrors(self.name, ENDPOINT, ENDPOINT, health,
                             transient=(c.transient_backoff, c.transient_backoff_max),
                             config=(c.config_error_backoff, c.config_error_backoff_max))
         budget = self.budget(runtime)
+        health.budget = budget
         tracker = self.tracker
         stored = (await runtime.journal.get_cursors(self.cursor_key)).get(self.cursor_key)
         cursor: tuple[int, str | None]

@@ -204,7 +204,7 @@ class RongCloudSource:
         try:
             async with anyio.create_task_group() as tg:
                 for endpoint in self.config.endpoints:
-                    runtime.health[f"{self.name}/{endpoint}"] = SourceHealth()
+                    runtime.health[f"{self.name}/{endpoint}"] = SourceHealth(endpoint=endpoint)
                     tg.start_soon(self._poll_endpoint, runtime, endpoint)
         finally:
             await self._client.aclose()
@@ -249,6 +249,7 @@ class RongCloudSource:
         )
         health = runtime.health[f"{self.name}/{endpoint}"]
         health.polling = True
+        health.budget = budget
         errors = LoopErrors(self.name, endpoint, endpoint, health,
                             transient=(c.transient_backoff, c.transient_backoff_max),
                             config=(c.config_error_backoff, c.config_error_backoff_max))
@@ -326,8 +327,8 @@ class RongCloudSource:
                         base_url=display_url(self.base_url), error=answer.detail)
             self._failover("connection error", answer.url_index)
             # Every base URL tried in turn: only then back off.
-            return errors.transient_delay() if state.connect_failures >= len(c.base_urls) \
-                else 0.0
+            delay = errors.transient_delay(answer.detail)
+            return delay if state.connect_failures >= len(c.base_urls) else 0.0
         if answer.outcome == Outcome.LOCAL:
             # Not the provider's fault: failing over would not help and hide the cause.
             return errors.transient(answer.detail, level="error")
@@ -341,10 +342,10 @@ class RongCloudSource:
             if state.read_failures >= c.failover_after:
                 state.read_failures = 0
                 self._failover(f"{c.failover_after} failed answers in a row", answer.url_index)
-            return errors.transient_delay()
+            return errors.transient_delay(f"{answer.outcome}: {answer.detail}")
         if answer.outcome == Outcome.THROTTLED:
             delay = answer.retry_after if answer.retry_after is not None else \
-                max(c.budget_window, errors.transient_delay())
+                max(c.budget_window, errors.transient_delay(f"throttled: {answer.detail}"))
             log.warning("provider reports throttling", source=self.name, endpoint=endpoint,
                         detail=answer.detail, wait_seconds=round(delay, 2))
             return delay

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any, Literal
 
@@ -53,6 +54,15 @@ from relay.sources.wukongim_records import (
 )
 
 log = get_logger("relay.source.wukongim")
+
+# How often an idle channel loop checks that the server still holds the cursor's message.
+HISTORY_CHECK_INTERVAL = 60.0
+
+
+def parse_channel_cursor(value: str) -> tuple[int, str | None]:
+    """``"<seq>"`` or ``"<seq>:<message_id of that seq>"``."""
+    seq, _, message_id = value.partition(":")
+    return (int(seq) if seq.isdigit() else 0), (message_id or None)
 
 
 class ChannelSpec(BaseModel):
@@ -144,7 +154,7 @@ class WuKongIMSource:
             self._client = None
 
     def _errors(self, runtime: SourceRuntime, endpoint: str, what: str) -> LoopErrors:
-        health = runtime.health.setdefault(f"{self.name}/{what}", SourceHealth())
+        health = runtime.health.setdefault(f"{self.name}/{what}", SourceHealth(endpoint=endpoint))
         health.polling = True
         c = self.config
         return LoopErrors(self.name, endpoint, what, health,
@@ -235,12 +245,24 @@ class WuKongIMSource:
         errors = self._errors(runtime, endpoint, what)
         labels = (self.name, endpoint)
         cursor_key = f"{self.name}:{what}:seq"
-        last = int((await runtime.journal.get_cursors(cursor_key)).get(cursor_key, "0"))
+        stored = (await runtime.journal.get_cursors(cursor_key)).get(cursor_key, "0")
+        last, last_id = parse_channel_cursor(stored)
         limit = self.config.channel_limit
+        next_check = 0.0  # at start: is the server's history still the one the cursor is in?
         while not runtime.stopping.is_set():
             await runtime.wait_for_space(self.name)
             if runtime.stopping.is_set():
                 break
+            if last and time.monotonic() >= next_check:
+                next_check = time.monotonic() + HISTORY_CHECK_INTERVAL
+                if await self._history_restarted(channel, last, last_id):
+                    log.warning("the server's channel history no longer holds the relay's"
+                                " cursor (it was reset or replaced): reading it from the start;"
+                                " what was already journaled is deduplicated",
+                                source=self.name, channel=what, cursor=last)
+                    last, last_id = 0, None
+                    await runtime.commit(self.name, endpoint, [], cursors={cursor_key: "0"})
+                    continue
             answer = await self._call("/channel/messagesync", {
                 "login_uid": self.config.login_uid, "channel_id": channel.id,
                 "channel_type": channel.type, "start_message_seq": last + 1,
@@ -276,17 +298,41 @@ class WuKongIMSource:
                 continue
             fresh.sort(key=lambda r: message_seq(r) or 0)
             last = self._report_gaps(what, last, fresh)
+            last_id = next((str(r.get("message_id")) for r in reversed(fresh)
+                            if message_seq(r) == last), None)
             events, quarantine = normalize_batch(
                 self.name, endpoint, fresh,
                 partial(normalize, source=self.name, kind="message", fetched_at=fetched_at),
                 max_record_bytes=self.config.max_record_bytes)
+            cursor = f"{last}:{last_id}" if last_id else str(last)
             result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
-                                          cursors={cursor_key: str(last)})
+                                          cursors={cursor_key: cursor})
             if result is None:
                 break
             observe_batch(self.name, endpoint, events, fetched_at)
             if not more and len(records) < limit:
                 await runtime.sleep(self.config.idle_interval)
+
+    async def _history_restarted(self, channel: Any, last: int, last_id: str | None) -> bool:
+        """Whether the message the cursor stands on is gone or another one (a reset server).
+
+        A server whose history restarted answers nothing past the cursor for ever
+        (or hands out old seqs with new messages): without this check the relay
+        would wait in silence.
+        """
+        answer = await self._call("/channel/messagesync", {
+            "login_uid": self.config.login_uid, "channel_id": channel.id,
+            "channel_type": channel.type, "start_message_seq": last,
+            "end_message_seq": last + 1, "limit": 1, "pull_mode": 1,
+        })
+        page = self._channel_records(answer) if answer.kind == http.RESPONSE \
+            and answer.status == 200 else None
+        if page is None:
+            return False  # could not tell: keep the cursor
+        at_cursor = [r for r in page[0] if message_seq(r) == last]
+        if not at_cursor:
+            return True
+        return last_id is not None and str(at_cursor[0].get("message_id")) != last_id
 
     @staticmethod
     def _channel_records(answer: Answer) -> tuple[list[Any], bool] | None:
