@@ -25,7 +25,7 @@ from relay import __version__
 from relay.config import AdminView, ConfigError, RelayConfig, load_admin_view, load_config
 from relay.config_base import parse_point_in_time
 from relay.event import json_schema
-from relay.journal import JournalError, JournalLockedError, JournalStats, SqliteJournal
+from relay.journal import Journal, JournalError, JournalLockedError, JournalStats, open_journal
 from relay.logs import configure_logging, register_secrets
 
 _T = TypeVar("_T")
@@ -131,7 +131,7 @@ def status(config_file: str | None, as_json: bool) -> None:
     view = _admin_view(config_file)
 
     async def read() -> JournalStats:
-        journal = SqliteJournal.open_readonly(view.journal_path)
+        journal = await open_journal(view.journal, mode="status")
         try:
             return await journal.stats()
         finally:
@@ -189,18 +189,18 @@ def _admin_view(config_file: str | None) -> AdminView:
         fail(f"invalid configuration: {exc}")
 
 
-def _admin_journal(view: AdminView) -> SqliteJournal:
+async def _admin_journal(view: AdminView) -> Journal:
     try:
-        return SqliteJournal.open_admin(view.journal_path)
+        return await open_journal(view.journal, mode="admin")
     except JournalError as exc:
         fail(str(exc), 1)
 
 
-def _with_journal(view: AdminView, action: Callable[[SqliteJournal], Awaitable[_T]]) -> _T:
+def _with_journal(view: AdminView, action: Callable[[Journal], Awaitable[_T]]) -> _T:
     """Run ``action`` on the journal opened beside a possibly running relay."""
 
     async def run() -> _T:
-        journal = _admin_journal(view)
+        journal = await _admin_journal(view)
         try:
             return await action(journal)
         finally:
@@ -324,7 +324,7 @@ def replay(config_file: str | None, sink: str, since: str) -> None:
     except ValueError as exc:
         fail(f"--since: {exc}")
 
-    async def request(journal: SqliteJournal) -> tuple[int, int, int | None]:
+    async def request(journal: Journal) -> tuple[int, int, int | None]:
         cursor = await journal.sink_cursor(sink)
         await journal.request_control(sink, "replay", str(since_ms))
         again = await journal.count_since(since_ms, through_seq=cursor)
@@ -356,7 +356,7 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
     config = _load(config_file, require_components=False)
 
     async def apply() -> dict[str, int]:
-        journal = SqliteJournal.open(config.journal.path)
+        journal = await open_journal(config.journal)
         try:
             counts = await journal.erase_user(user_id, dry_run=dry_run)
         finally:

@@ -112,7 +112,7 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_second_relay_on_the_same_journal_exits_2(tmp_path: Path) -> None:
-    from relay.journal import SqliteJournal
+    from relay.journal.sqlite import SqliteJournal
 
     path = write(tmp_path, GOOD + f'\n[journal]\npath = "{tmp_path}/j.db"\n'.replace(
         "\n[journal]", "\n[metrics]\nenabled = false\n[journal]"))
@@ -136,7 +136,7 @@ def test_admin_commands_work_without_the_services_secrets(tmp_path: Path) -> Non
     assert run_cli("run", "--config", str(path)).returncode == 2
     import anyio
 
-    from relay.journal import SqliteJournal
+    from relay.journal.sqlite import SqliteJournal
 
     anyio.run(lambda: SqliteJournal.open(tmp_path / "j.db").close())
     status = run_cli("status", "--config", str(path))

@@ -14,8 +14,8 @@ from relay.journal import (
     JournalSchemaError,
     NewEvent,
     QuarantinedRecord,
-    SqliteJournal,
 )
+from relay.journal.sqlite import SqliteJournal
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +57,7 @@ async def test_everything_survives_reopen(tmp_path: Path) -> None:
         assert stats.quarantined == 1
         assert await journal.sink_cursor("file") == 1
         assert (await journal.commit_batch([new_event("a")])).duplicates == 1
-        assert journal.last_seq == 1
+        assert await journal.max_seq() == 1
     finally:
         await journal.close()
 

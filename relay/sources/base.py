@@ -22,11 +22,11 @@ from relay import metrics
 from relay.checks import CheckResult
 from relay.journal import (
     CommitResult,
-    Journal,
     JournalError,
     JournalFullError,
     NewEvent,
     QuarantinedRecord,
+    SourceJournal,
 )
 from relay.logs import get_logger
 from relay.sources.budget import BudgetRegistry
@@ -56,7 +56,7 @@ class SourceHealth:
 class SourceRuntime:
     """Shared services handed to a running source."""
 
-    journal: Journal
+    journal: SourceJournal
     stopping: anyio.Event
     budgets: BudgetRegistry = field(default_factory=BudgetRegistry)
     disk_full_retry: float = 5.0
@@ -70,18 +70,19 @@ class SourceRuntime:
             await self.stopping.wait()
 
     async def wait_for_space(self, source: str) -> None:
-        """Hold polling while the journal's file system is full."""
-        if self.journal.has_space():
+        """Hold polling while the journal cannot take writes (disk full, database unreachable)."""
+        if self.journal.writable():
             return
         log.error(
-            "journal disk full: polling paused, nothing is acknowledged until space returns",
+            "journal not writable (disk full or its database unreachable): polling paused,"
+            " nothing is acknowledged until it is back",
             source=source,
         )
         metrics.JOURNAL_FULL.set(1)
-        while not self.journal.has_space() and not self.stopping.is_set():
+        while not self.journal.writable() and not self.stopping.is_set():
             await self.sleep(1.0)
         metrics.JOURNAL_FULL.set(0)
-        log.info("journal has space again: polling resumes", source=source)
+        log.info("journal writable again: polling resumes", source=source)
 
     async def commit(
         self,
