@@ -213,6 +213,7 @@ class PostgresJournal:
         self._gone: str | None = None
         self._listening = False
         self._listener: asyncio.Task[None] | None = None
+        self._listen_tried = asyncio.Event()  # set after the listener's first attempt
         self._closed = False
         # For tests only: the order-guarantee test holds a transaction open after it
         # drew its seqs, and shows what happens without the lock.
@@ -263,6 +264,9 @@ class PostgresJournal:
         if mode == "writer":
             metrics.JOURNAL_UP.set(1)
             journal._listener = asyncio.get_running_loop().create_task(journal._listen())
+            # Sinks start right away: let them have notifications from the first batch.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(journal._listen_tried.wait(), CONNECT_TIMEOUT)
         return journal
 
     async def close(self) -> None:
@@ -455,6 +459,7 @@ class PostgresJournal:
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(self._channel, self._notified)
                 self._listening = True
+                self._listen_tried.set()
                 self._set_up(True)
                 self._wake()  # whatever committed while we were deaf: read it
                 while not lost.is_set():
@@ -472,6 +477,7 @@ class PostgresJournal:
                     self._set_up(False)
             finally:
                 self._listening = False
+                self._listen_tried.set()
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(LISTEN_RETRY)

@@ -247,6 +247,10 @@ class SqliteJournal:
         if version != SCHEMA_VERSION:
             writer.close()
             reader.close()
+            if version > SCHEMA_VERSION:
+                raise JournalSchemaError(
+                    f"the journal {db_path} has schema version {version}; this relay knows "
+                    f"{SCHEMA_VERSION}: upgrade the relay")
             raise JournalSchemaError(
                 f"the journal {db_path} has schema version {version}, this relay {SCHEMA_VERSION}:"
                 " run this relay version once (relay run) to migrate it first")
