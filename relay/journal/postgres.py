@@ -235,8 +235,10 @@ class PostgresJournal:
         if mode == "status":
             settings["default_transaction_read_only"] = "on"
         try:
+            # min_size 0: no floor for asyncpg to restore (and log tracebacks about)
+            # while the database is down; connections open on demand.
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=POOL_SIZE if mode == "writer" else 2,
+                dsn, min_size=0, max_size=POOL_SIZE if mode == "writer" else 2,
                 timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
                 server_settings=settings)
         except (*_DRIVER_ERRORS, ValueError) as exc:  # type: ignore[misc]
