@@ -226,9 +226,10 @@ class PostgresJournal:
     @classmethod
     async def open(cls, dsn: str, *, schema: str = "relay", mode: Mode = "writer",
                    retain_seconds: float = 86400.0, dedup_window_seconds: float = 86400.0,
-                   location: str | None = None,
-                   secrets_: Sequence[str] = ()) -> PostgresJournal:
-        """Connect; the writer creates or migrates the schema and listens for commits."""
+                   location: str | None = None, secrets_: Sequence[str] = (),
+                   listen: bool = True) -> PostgresJournal:
+        """Connect; the writer creates or migrates the schema and (``listen``) listens
+        for commits."""
         where = location or f"PostgreSQL schema {schema}"
         hidden = [*secrets_, dsn]
         settings = {"application_name": f"im-relay {mode}", "search_path": _quote(schema)}
@@ -263,7 +264,7 @@ class PostgresJournal:
                       retain_ms=int(retain_seconds * 1000),
                       dedup_window_ms=int(dedup_window_seconds * 1000), location=where,
                       journal_id=journal_id, known_max=known_max, secrets_=hidden)
-        if mode == "writer":
+        if mode == "writer" and listen:
             metrics.JOURNAL_UP.set(1)
             journal._listener = asyncio.get_running_loop().create_task(journal._listen())
             # Sinks start right away: let them have notifications from the first batch.
@@ -345,6 +346,14 @@ class PostgresJournal:
         if self._mode != "writer":
             return
         self._check_identity(await self._fetchval(_IDENTITY))
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Conn]:
+        """One transaction holding the commit lock: no other journal commits meanwhile
+        (``relay journal copy`` fills the tables through it)."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._commit_key)
+            yield conn
 
     # -- writing -----------------------------------------------------------
 

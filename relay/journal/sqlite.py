@@ -679,6 +679,39 @@ class SqliteJournal:
 
         return await self._reader.run(query)
 
+    # -- moving an installation (relay journal copy) ------------------------
+
+    async def journal_id(self) -> int:
+        """This journal's identity (0 for a read-only open of a file that has none yet)."""
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._reader.run(query)
+
+    async def export_rows(self, table: str, columns: Sequence[str], after: int,
+                          limit: int) -> list[tuple[Any, ...]]:
+        """Rows of ``table`` whose first column (its integer key) is past ``after``.
+
+        ``table`` and ``columns`` come from the copy tool's fixed list, never from input.
+        """
+        sql = (f"SELECT {', '.join(columns)} FROM {table} WHERE {columns[0]} > ?"  # noqa: S608
+               f" ORDER BY {columns[0]} LIMIT ?")
+
+        def query(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, (after, limit)).fetchall()
+
+        return await self._reader.run(query)
+
+    async def export_keyed(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Every row of a small table keyed by text (cursors, sink cursors)."""
+        sql = f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]}"  # noqa: S608
+        return await self._reader.run(lambda conn: conn.execute(sql).fetchall())
+
+    async def high_seq(self) -> int:
+        """The highest seq ever assigned (also after its row was compacted or erased)."""
+        return await self._reader.run(self._query_max_seq)
+
     # -- housekeeping ------------------------------------------------------
 
     async def compact(self, now_ms: int) -> int:
