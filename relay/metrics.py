@@ -197,8 +197,7 @@ JOURNAL_LAST_SEQ = Gauge(
 )
 JOURNAL_FULL = Gauge(
     "relay_journal_disk_full",
-    "1 while the journal cannot take writes (its disk is full, or its database cannot be"
-    " reached) and sources are paused.",
+    "1 while the journal's file system is full and sources are paused.",
     registry=REGISTRY,
 )
 JOURNAL_UP = Gauge(

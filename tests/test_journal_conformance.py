@@ -358,7 +358,7 @@ async def test_stats_describe_the_journal(backend: Backend) -> None:
         assert stats.cursors == {"rc:k": "v"}
         assert stats.bytes > 0
         assert await journal.storage_bytes() > 0
-        assert journal.writable()
+        assert journal.write_blocker() is None
         await journal.check_intact()
         if backend.server is not None:
             assert backend.server.password not in stats.path
@@ -653,7 +653,7 @@ async def test_database_outage_raises_journal_errors_and_recovers(postgres: Back
                          lambda: journal.get_cursors(""), journal.stats):
                 with pytest.raises(JournalError):
                     await call()
-            assert not journal.writable()
+            assert journal.write_blocker() == "database unreachable"
             assert _journal_up() == 0
             assert await journal.max_seq() == 1  # what it knew; no error
             started = anyio.current_time()
@@ -672,7 +672,7 @@ async def test_database_outage_raises_journal_errors_and_recovers(postgres: Back
         await eventually(commits, 30, "commits to work again (same journal object)")
         assert ids(await journal.read(0, 10)) == ["rc:before", "rc:during"]
         assert await journal.get_cursors("rc:") == {"rc:k": "1"}
-        assert journal.writable()
+        assert journal.write_blocker() is None
         assert _journal_up() == 1
         # Notifications are back too: another journal's commit wakes a waiter.
         other = await postgres.open()

@@ -34,6 +34,7 @@ from relay.journal.base import (
     SourceJournal,
     SourceState,
     StoredEvent,
+    WriteBlocker,
 )
 
 if TYPE_CHECKING:
@@ -93,5 +94,6 @@ __all__ = [
     "SourceJournal",
     "SourceState",
     "StoredEvent",
+    "WriteBlocker",
     "open_journal",
 ]

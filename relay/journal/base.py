@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import orjson
 
@@ -52,6 +52,11 @@ class JournalGoneError(JournalError):
     """The journal's storage is no longer the one the relay opened (deleted, replaced)."""
 
     fatal = True
+
+
+#: Why writes cannot succeed now: the (SQLite) disk is nearly full, or the database
+#: cannot be reached.
+WriteBlocker = Literal["disk full", "database unreachable"]
 
 
 class Routing(NamedTuple):
@@ -266,9 +271,9 @@ class Health(Protocol):
     async def storage_bytes(self) -> int:
         """Bytes the journal occupies (files, or the database's tables and indexes)."""
 
-    def writable(self) -> bool:
-        """False while the journal cannot take writes (disk nearly full, database
-        unreachable): sources must not fetch what they could not commit."""
+    def write_blocker(self) -> WriteBlocker | None:
+        """Why the journal cannot take writes now, or None: while it cannot, sources
+        must not fetch what they could not commit."""
 
     async def check_intact(self) -> None:
         """Raise :class:`JournalGoneError` if the storage is no longer the one opened."""

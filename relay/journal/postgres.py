@@ -56,6 +56,7 @@ from relay.journal.base import (
     QuarantinedRecord,
     SinkLag,
     StoredEvent,
+    WriteBlocker,
 )
 from relay.journal.group import GroupCommit, Pending
 from relay.logs import get_logger
@@ -705,8 +706,8 @@ class PostgresJournal:
             " WHERE n.nspname = $1 AND c.relkind = 'r'", self.schema)
         return int(value)
 
-    def writable(self) -> bool:
-        return self._up and self._gone is None
+    def write_blocker(self) -> WriteBlocker | None:
+        return None if self._up else "database unreachable"
 
     async def stats(self) -> JournalStats:
         async with self._connection() as conn, conn.transaction(isolation="repeatable_read",

@@ -48,6 +48,7 @@ from relay.journal.base import (
     QuarantinedRecord,
     SinkLag,
     StoredEvent,
+    WriteBlocker,
 )
 from relay.journal.group import GroupCommit, Pending
 from relay.private_files import make_private_dirs
@@ -751,7 +752,10 @@ class SqliteJournal:
                 total += os.stat(f"{self.path}{suffix}").st_size
         return total
 
-    def writable(self) -> bool:
+    def write_blocker(self) -> WriteBlocker | None:
+        return None if self._has_space() else "disk full"
+
+    def _has_space(self) -> bool:
         if self._min_free_bytes <= 0:
             return True
         now = time.monotonic()

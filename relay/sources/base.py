@@ -71,17 +71,20 @@ class SourceRuntime:
 
     async def wait_for_space(self, source: str) -> None:
         """Hold polling while the journal cannot take writes (disk full, database unreachable)."""
-        if self.journal.writable():
+        blocker = self.journal.write_blocker()
+        if blocker is None:
             return
         log.error(
-            "journal not writable (disk full or its database unreachable): polling paused,"
-            " nothing is acknowledged until it is back",
+            f"journal {blocker}: polling paused, nothing is acknowledged until it is back",
             source=source,
         )
-        metrics.JOURNAL_FULL.set(1)
-        while not self.journal.writable() and not self.stopping.is_set():
+        full = blocker == "disk full"
+        if full:
+            metrics.JOURNAL_FULL.set(1)
+        while self.journal.write_blocker() is not None and not self.stopping.is_set():
             await self.sleep(1.0)
-        metrics.JOURNAL_FULL.set(0)
+        if full:
+            metrics.JOURNAL_FULL.set(0)
         log.info("journal writable again: polling resumes", source=source)
 
     async def commit(
