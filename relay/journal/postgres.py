@@ -73,6 +73,7 @@ LISTEN_RETRY = 1.0  # between attempts to re-open the notification connection
 LISTEN_PING = 5.0  # how often the idle notification connection proves it is alive
 POLL_INTERVAL = 0.25  # wait_for_events while notifications are down
 COMPACT_CHUNK = 20_000
+IDLE_IN_TRANSACTION_MS = 30_000
 
 # Migrations from version N-1 to N, each in the transaction that records it.
 # ``{s}`` is the schema (a checked identifier, quoted).
@@ -233,7 +234,10 @@ class PostgresJournal:
         for commits."""
         where = location or f"PostgreSQL schema {schema}"
         hidden = [*secrets_, dsn]
-        settings = {"application_name": f"im-relay {mode}", "search_path": _quote(schema)}
+        settings = {"application_name": f"im-relay {mode}", "search_path": _quote(schema),
+                    # A client that stalls inside a transaction (paused, partitioned) must
+                    # not hold the commit lock, and so every other committer, for long.
+                    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)}
         if mode == "status":
             settings["default_transaction_read_only"] = "on"
         try:
