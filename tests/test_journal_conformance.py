@@ -694,3 +694,30 @@ async def test_database_outage_raises_journal_errors_and_recovers(postgres: Back
             await eventually(wakes, 20, "a notification to wake the waiter")
         finally:
             await other.close()
+
+
+async def test_journals_in_two_schemas_of_one_database_are_apart(postgres: Backend) -> None:
+    long_name = "tenant_" + "x" * 56  # 63 characters: the longest schema name
+    async with postgres.journal(schema_name=long_name) as a, \
+            postgres.journal(schema_name="other") as b:
+        writer = await postgres.open(schema_name=long_name)
+        try:
+            woke: list[float] = []
+
+            async def waiter() -> None:
+                start = anyio.current_time()
+                await a.wait_for_events(0, 10)
+                woke.append(anyio.current_time() - start)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                await writer.commit_batch([new_event("a")])
+            assert woke
+            assert woke[0] < 5  # notified on the long schema's channel
+        finally:
+            await writer.close()
+        await b.commit_batch([new_event("a")])  # the same id: another journal
+        assert ids(await a.read(0, 10)) == ["rc:a"]
+        assert ids(await b.read(0, 10)) == ["rc:a"]
+        assert (await a.stats()).path.endswith(f"(schema {long_name})")

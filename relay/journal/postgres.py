@@ -180,6 +180,14 @@ def _lock_key(schema: str, purpose: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def _channel_name(schema: str) -> str:
+    """The NOTIFY channel of one schema's journal (a channel name has at most 63 bytes)."""
+    name = f"im_relay_events.{schema}"
+    if len(name) <= 63:
+        return name
+    return "im_relay_events." + hashlib.blake2b(schema.encode(), digest_size=16).hexdigest()
+
+
 def _text(value: str) -> str:
     """PostgreSQL text cannot hold NUL: a hostile one must not wedge a commit."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
@@ -204,7 +212,7 @@ class PostgresJournal:
         self.location = location
         self._journal_id = journal_id
         self._secrets = [s for s in secrets_ if len(s) >= 4]
-        self._channel = f"im_relay_events.{schema}"
+        self._channel = _channel_name(schema)
         self._commit_key = _lock_key(schema, "commit")
         self._known_max = known_max
         self._empty_read_at = -1  # _known_max when a read last found nothing new
