@@ -31,7 +31,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from benchmarks.common import machine, start_relay, stop
 from relay.emulators.rongcloud import RongCloudEmulator
-from relay.journal import NewEvent, SqliteJournal, StoredEvent
+from relay.journal import NewEvent, StoredEvent
+from relay.journal.sqlite import SqliteJournal
 from relay.sinks.kafka import kafka_record
 from relay.sources.rongcloud_records import normalize
 from tests.support.configs import rongcloud_source, write_config

@@ -10,6 +10,7 @@ once: SQLite's WAL makes that safe for the journal.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ from anyio.abc import TaskGroup
 from relay import metrics, status
 from relay.config import RelayConfig
 from relay.http_server import OpsServer
-from relay.journal import Journal, JournalError, SqliteJournal
+from relay.journal import Journal, JournalError, open_journal
 from relay.logs import get_logger
 from relay.sdnotify import Notifier
 from relay.sinks import build_sink
@@ -94,9 +95,7 @@ class Relay:
 
     async def run(self, on_ready: Callable[[Relay], Awaitable[None] | None] | None = None) -> None:
         c = self.config
-        journal = SqliteJournal.open(
-            c.journal.path, retain_seconds=c.journal.retain, min_free_bytes=c.journal.min_free_bytes
-        )
+        journal = await open_journal(c.journal)
         self.journal = journal
         metrics.JOURNAL_LIMIT_BYTES.set(c.journal.max_bytes or 0)
         self.stopping = anyio.Event()
@@ -156,7 +155,7 @@ class Relay:
                                            lambda r=runner: r.run(stopping))
                     log.info("relay started", sources=[s.name for s in self.sources],
                              sinks=[r.name for r in self.runners],
-                             journal=self.config.journal.path,
+                             journal=self.config.journal.describe(),
                              metrics=f"{self.config.metrics.listen.rpartition(':')[0]}:"
                                      f"{self.metrics_port}" if self.metrics_port else "off")
                     self.notifier.ready(f"polling {len(self.sources)} source(s)")
@@ -218,26 +217,31 @@ class Relay:
         last_compact = time.monotonic()
         last_stats = 0.0
         while True:
+            now = time.monotonic()
             try:
                 # Also when idle: a deleted journal must be noticed before the next batch.
-                journal.check_intact()
+                await journal.check_intact()
+                if now - last_compact >= c.journal.compact_interval:
+                    last_compact = now
+                    removed = await journal.compact(int(time.time() * 1000))
+                    if removed:
+                        metrics.JOURNAL_COMPACTED.inc(removed)
+                        metrics.JOURNAL_EVENTS.dec(removed)
+                        log.info("journal compacted", events=removed)
+                if now - last_stats >= 30:
+                    last_stats = now
+                    stats = await journal.stats()
+                    metrics.JOURNAL_EVENTS.set(stats.events)
+                    metrics.JOURNAL_QUARANTINED.set(stats.quarantined)
+                size = await journal.storage_bytes()
             except JournalError as exc:
-                self._fail(exc, "housekeeping")
-                return
-            now = time.monotonic()
-            if now - last_compact >= c.journal.compact_interval:
-                last_compact = now
-                removed = await journal.compact(int(time.time() * 1000))
-                if removed:
-                    metrics.JOURNAL_COMPACTED.inc(removed)
-                    metrics.JOURNAL_EVENTS.dec(removed)
-                    log.info("journal compacted", events=removed)
-            if now - last_stats >= 30:
-                last_stats = now
-                stats = await journal.stats()
-                metrics.JOURNAL_EVENTS.set(stats.events)
-                metrics.JOURNAL_QUARANTINED.set(stats.quarantined)
-            size = journal.size_bytes()
+                if exc.fatal:
+                    self._fail(exc, "housekeeping")
+                    return
+                # E.g. the journal's database restarting: the next round tries again.
+                log.warning("journal housekeeping failed; retrying", error=str(exc))
+                await anyio.sleep(HOUSEKEEPING_INTERVAL)
+                continue
             metrics.JOURNAL_BYTES.set(size)
             limit = c.journal.max_bytes
             if limit and size > limit and now - self._last_limit_warning > 300:
@@ -266,7 +270,10 @@ class Relay:
         assert self.journal is not None
         while True:
             with anyio.move_on_after(interval * 1.5):
-                await self.journal.get_cursors("\x00")
+                # An error is an answer too: a database restart must not get the relay
+                # killed (the journal's own retries handle it); only a wedged call does.
+                with contextlib.suppress(JournalError):
+                    await self.journal.get_cursors("\x00")
                 self.notifier.watchdog()
             await anyio.sleep(interval)
 

@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import anyio.to_thread
 import click
+from pydantic import ValidationError
 
 from relay import __version__
 from relay.checks import CheckResult
@@ -28,11 +29,13 @@ from relay.config import AdminView, ConfigError, RelayConfig, load_admin_view, l
 from relay.config_base import parse_point_in_time
 from relay.event import json_schema
 from relay.journal import (
+    Journal,
     JournalError,
     JournalLockedError,
     JournalStats,
     JournalUnusableError,
-    SqliteJournal,
+    check_journal,
+    open_journal,
 )
 from relay.logs import configure_logging, register_secrets
 
@@ -226,7 +229,7 @@ def status(config_file: str | None, as_json: bool) -> None:
     view = _admin_view(config_file)
 
     async def read() -> JournalStats:
-        journal = SqliteJournal.open_readonly(view.journal_path)
+        journal = await open_journal(view.journal, mode="status")
         try:
             return await journal.stats()
         finally:
@@ -259,7 +262,7 @@ def check(config_file: str | None, offline: bool) -> None:
     # aiokafka and aiohttp log through the standard library: a failed check is reported
     # below, once, not also as a stray library line.
     logging.getLogger().setLevel(logging.CRITICAL)
-    results = [SqliteJournal.check_path(config.journal.path, config.journal.min_free_bytes)]
+    results = [anyio.run(partial(check_journal, config.journal, offline=offline))]
     if config.metrics.enabled:
         results.append(_check_listen(config.metrics.listen, held=results[0].warning))
 
@@ -315,18 +318,18 @@ def _admin_view(config_file: str | None) -> AdminView:
         config_failure(exc)
 
 
-def _admin_journal(view: AdminView) -> SqliteJournal:
+async def _admin_journal(view: AdminView) -> Journal:
     try:
-        return SqliteJournal.open_admin(view.journal_path)
+        return await open_journal(view.journal, mode="admin")
     except JournalError as exc:
         fail(str(exc), 1)
 
 
-def _with_journal(view: AdminView, action: Callable[[SqliteJournal], Awaitable[_T]]) -> _T:
+def _with_journal(view: AdminView, action: Callable[[Journal], Awaitable[_T]]) -> _T:
     """Run ``action`` on the journal opened beside a possibly running relay."""
 
     async def run() -> _T:
-        journal = _admin_journal(view)
+        journal = await _admin_journal(view)
         try:
             return await action(journal)
         finally:
@@ -450,7 +453,7 @@ def replay(config_file: str | None, sink: str, since: str) -> None:
     except ValueError as exc:
         fail(f"--since: {exc}")
 
-    async def request(journal: SqliteJournal) -> tuple[int, int, int | None]:
+    async def request(journal: Journal) -> tuple[int, int, int | None]:
         cursor = await journal.sink_cursor(sink)
         await journal.request_control(sink, "replay", str(since_ms))
         again = await journal.count_since(since_ms, through_seq=cursor)
@@ -483,8 +486,7 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
 
     async def apply() -> dict[str, int]:
         # Counting changes nothing: it may run beside a running relay.
-        journal = SqliteJournal.open_admin(config.journal.path) if dry_run else \
-            SqliteJournal.open(config.journal.path)
+        journal = await open_journal(config.journal, mode="admin" if dry_run else "writer")
         try:
             counts = await journal.erase_user(user_id, dry_run=dry_run)
         finally:
@@ -507,6 +509,75 @@ def erase(config_file: str | None, user_id: str, dry_run: bool) -> None:
     others = [n for n, s in config.sinks.items() if not isinstance(s, FileSinkConfig)]
     if others:
         click.echo(f"not erased here (erase downstream): {', '.join(others)}")
+
+
+# -- moving the journal --------------------------------------------------------
+
+
+@main.group("journal")
+def journal_group() -> None:
+    """Journal maintenance."""
+
+
+@journal_group.command("copy")
+@click.option("--from", "source", required=True, metavar="sqlite:PATH",
+              help="The SQLite journal to copy (the relay on it must be stopped).")
+@click.option("--to", "target", metavar="postgresql://USER@HOST:PORT/DB",
+              help="The PostgreSQL database (a password here shows in the process list:"
+                   " prefer --to-dsn-file).")
+@click.option("--to-dsn-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="A file holding the target DSN.")
+@click.option("--schema", default="relay", show_default=True,
+              help="The target journal's schema ([journal] schema).")
+@click.option("--replace-target", is_flag=True,
+              help="Empty a target that holds other data first (its relays must be stopped).")
+def journal_copy(source: str, target: str | None, to_dsn_file: str | None, schema: str,
+                 replace_target: bool) -> None:
+    """Move an installation to the shared journal: every event, cursor and dead letter.
+
+    Safe to run again: a target holding an earlier copy of the same journal, not
+    written to since, is left as it is. Any other non-empty target is refused
+    unless --replace-target.
+    """
+    from relay.config import JournalConfig
+    from relay.journal.copy import copy_sqlite_to_postgres
+
+    kind, _, path = source.partition(":")
+    if kind != "sqlite" or not path:
+        fail("--from: expected sqlite:PATH")
+    if (target is None) == (to_dsn_file is None):
+        fail("give the target as --to postgresql://... or --to-dsn-file FILE")
+    if to_dsn_file is not None:
+        try:
+            target = Path(to_dsn_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            fail(f"--to-dsn-file: cannot read {to_dsn_file}: {exc.strerror}")
+    assert target is not None
+    try:
+        config = JournalConfig(type="postgres", dsn=target, schema_name=schema)
+    except ValidationError as exc:
+        message = str(exc.errors(include_input=False)[0]["msg"]).removeprefix("Value error, ")
+        fail(f"--to/--schema: {message}")
+    register_secrets(config.secret_values())
+    if not Path(path).exists():
+        fail(f"--from: no journal at {path}", 1)
+
+    try:
+        report, where = anyio.run(lambda: copy_sqlite_to_postgres(
+            path, target, schema=schema, replace=replace_target,
+            secrets_=tuple(config.secret_values())))
+    except JournalLockedError:
+        fail(f"a relay is running on {path}: stop it, then copy", 2)
+    except JournalError as exc:
+        fail(str(exc), 1)
+    if report.replaced:
+        click.echo(f"emptied the target {where} first (--replace-target)")
+    elif report.again:
+        click.echo(f"the target {where} already held a copy of this journal: topped up")
+    click.echo(f"copied {path} -> {where}:")
+    for table, (read, new) in report.tables.items():
+        click.echo(f"  {table:<13} {read:>9} in the source, {new:>9} new in the target")
+    click.echo(f"  highest seq   {report.high_seq}: new events on the target follow it")
 
 
 # -- emulators ---------------------------------------------------------------

@@ -18,11 +18,20 @@ import tomllib
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from relay.config_base import ByteSize, Duration
+from relay.config_base import ByteSize, ComponentConfig, Duration
 from relay.logs import LogFormat
 from relay.sinks import SINKS, SinkConfigUnion
 from relay.sources import SOURCES, SourceConfig
@@ -50,15 +59,27 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
-class JournalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
+
+class JournalConfig(ComponentConfig):
+    """``[journal]``: the embedded SQLite file (``path``) or a shared PostgreSQL database.
+
+    ``dsn`` (or ``dsn_file``) is a secret: it is never logged, and :meth:`describe`
+    shows it without its password.
+    """
+
+    type: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "var/relay.db"
+    dsn: SecretStr | None = None
+    schema_name: str = Field(default="relay", alias="schema")
     dedup_window: Duration = 86400.0
     retain: Duration = 86400.0
     max_bytes: ByteSize | None = Field(default=None, gt=0)
     min_free_bytes: ByteSize = 64 * 1024 * 1024
     compact_interval: Duration = 60.0
+
+    model_config = ConfigDict(populate_by_name=True)
 
     @model_validator(mode="after")
     def _windows(self) -> JournalConfig:
@@ -66,7 +87,56 @@ class JournalConfig(BaseModel):
             raise ValueError("dedup_window: must be at least 3h (the providers' retention)")
         if self.retain < self.dedup_window:
             raise ValueError("retain: must be at least dedup_window")
+        if self.type == "postgres":
+            if self.dsn is None or not self.dsn.get_secret_value():
+                raise ValueError("dsn: required for type = \"postgres\" (or give dsn_file)")
+            if not self.dsn.get_secret_value().startswith(("postgres://", "postgresql://")):
+                raise ValueError("dsn: expected a postgresql://user@host:5432/database URL")
+            if "path" in self.model_fields_set:
+                raise ValueError("path: only for type = \"sqlite\" (postgres uses dsn)")
+            if not _SCHEMA_NAME.fullmatch(self.schema_name):
+                raise ValueError("schema: lowercase letters, digits and '_', at most 63")
+        else:
+            if self.dsn is not None:
+                raise ValueError("dsn: only for type = \"postgres\"")
+            if "schema_name" in self.model_fields_set:
+                raise ValueError("schema: only for type = \"postgres\"")
         return self
+
+    def describe(self) -> str:
+        """Where the journal is, fit for logs and ``relay status`` (no password)."""
+        if self.type == "sqlite":
+            return self.path
+        assert self.dsn is not None
+        return f"{redacted_dsn(self.dsn.get_secret_value())} (schema {self.schema_name})"
+
+    def secret_values(self) -> list[str]:
+        if self.dsn is None:
+            return []
+        dsn = self.dsn.get_secret_value()
+        # Not url_secrets(): a user name such as "relay" is no secret, and would
+        # redact every log line mentioning the relay.
+        parts = urlsplit(dsn)
+        found = [dsn]
+        if parts.password:
+            found.append(unquote(parts.password))
+            found.append(parts.password)
+        found += [v for k, v in parse_qsl(parts.query) if "password" in k.lower()]
+        return found
+
+
+def redacted_dsn(dsn: str) -> str:
+    """``postgresql://user@host:port/db``: no password, no query (it may hold one)."""
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://(unparsable DSN)"
+    user = f"{parts.username}@" if parts.username else ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
 class MetricsConfig(BaseModel):
@@ -133,7 +203,7 @@ class RelayConfig(BaseSettings):
         return value
 
     def secret_values(self) -> list[str]:
-        values: list[str] = []
+        values: list[str] = list(self.journal.secret_values())
         for component in [*self.sources.values(), *self.sinks.values()]:
             values.extend(component.secret_values())
         return values
@@ -224,19 +294,24 @@ def _format_errors(exc: ValidationError) -> list[str]:
 class AdminView(BaseModel):
     """What ``relay status`` / ``dlq`` / ``replay`` need: no source credentials."""
 
-    journal_path: str
+    journal: JournalConfig
     sinks: list[str]
+
+    @property
+    def journal_path(self) -> str:
+        return self.journal.describe()
 
 
 def load_admin_view(path: str | os.PathLike[str] | None) -> AdminView:
-    """The journal path and sink names, even when secrets (``*_file``) are not readable here.
+    """The journal and sink names, even when secrets (``*_file``) are not readable here.
 
     An operator's shell often cannot read the service's credentials; these
-    commands only touch the journal, so they must not need them.
+    commands only touch the journal, so they must not need them (a PostgreSQL
+    journal's own ``dsn_file`` excepted: the journal cannot be reached without it).
     """
     try:
         config = load_config(path, require_components=False)
-        return AdminView(journal_path=config.journal.path, sinks=list(config.sinks))
+        return AdminView(journal=config.journal, sinks=list(config.sinks))
     except ConfigError as exc:
         first_error = exc
     file = config_path(str(path) if path is not None else None)
@@ -245,12 +320,19 @@ def load_admin_view(path: str | os.PathLike[str] | None) -> AdminView:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         raise first_error from None
-    journal = data.get("journal")
-    journal_path = os.environ.get("RELAY_JOURNAL__PATH") or \
-        (journal.get("path") if isinstance(journal, dict) else None) or JournalConfig().path
+    table = data.get("journal")
+    journal_data = dict(table) if isinstance(table, dict) else {}
+    prefix = "RELAY_JOURNAL__"
+    for key, value in os.environ.items():
+        if key.upper().startswith(prefix):
+            journal_data[key[len(prefix):].lower()] = value
+    try:
+        journal = JournalConfig(**journal_data)
+    except (ValidationError, TypeError, ValueError):
+        raise first_error from None
     sinks = data.get("sinks")
     names = [str(name) for name in sinks] if isinstance(sinks, dict) else []
-    return AdminView(journal_path=str(journal_path), sinks=names)
+    return AdminView(journal=journal, sinks=names)
 
 
 def parse_config(data: dict[str, Any]) -> RelayConfig:

@@ -43,7 +43,14 @@ import orjson
 
 from relay.app import Relay
 from relay.config import RelayConfig
-from relay.journal import Journal, JournalError, LedgerBatch, LedgerEntry, SqliteJournal
+from relay.journal import (
+    Journal,
+    JournalError,
+    Ledger,
+    LedgerBatch,
+    LedgerEntry,
+    open_journal,
+)
 from relay.logs import get_logger
 from relay.private_files import make_private_dirs
 from relay.progress import Display, Figures, RateMeter, init_metrics, publish
@@ -103,12 +110,13 @@ def prepare(config: RelayConfig, name: str) -> tuple[RelayConfig, Paths]:
                                directory / "report.json", directory / "report.txt", archives)
 
 
-async def read_state(journal_path: str, name: str) -> dict[str, str]:
+async def read_state(config: RelayConfig, name: str) -> dict[str, str]:
     """The evacuation's persisted state, read before the relay starts (the tracker needs it
-    from the first batch on)."""
-    if not await anyio.Path(journal_path).exists():
+    from the first batch on). Nothing yet when the journal does not exist."""
+    try:
+        journal = await open_journal(config.journal, mode="status")
+    except JournalError:
         return {}
-    journal = SqliteJournal.open_readonly(journal_path)
     try:
         return await journal.get_cursors(f"{name}:")
     finally:
@@ -170,6 +178,7 @@ class Evacuation:
         self._proposal: dict[str, Any] | None = None
         self._read_till: int | None = None
         self._read_more = anyio.Event()
+        self._ledger_journal: Ledger | None = None
         self._requests = int(self.drain.get("requests") or 0)
         self._drain_meter = RateMeter()
         self._verify_meter = RateMeter()
@@ -311,8 +320,19 @@ class Evacuation:
             self.display.update(self.figures(), force=True)
             self.display.close()
 
+    def _journal(self, relay: Relay) -> Journal:
+        """The relay's whole journal (the source's own view of it has no ledger reads)."""
+        assert relay.journal is not None
+        self._ledger_journal = relay.journal
+        return relay.journal
+
+    @property
+    def _ledger(self) -> Ledger:
+        assert self._ledger_journal is not None
+        return self._ledger_journal
+
     async def _run(self, relay: Relay, runtime: SourceRuntime) -> None:
-        journal = runtime.journal
+        journal = self._journal(relay)
         say = self.display.message
         if self.paths.archives:
             say(f"evacuation {self.name}: archive {', '.join(self.paths.archives)}")
@@ -389,7 +409,7 @@ class Evacuation:
         return sorted(rooms.items())
 
     async def _verify(self, api: LeanCloudApi, runtime: SourceRuntime) -> None:
-        journal = runtime.journal
+        journal = self._ledger
         bound = int(self.control["bound_ms"])
         tallies = await journal.ledger_tallies(self.name, bound)
         every = self._conversations(tallies)
@@ -450,7 +470,7 @@ class Evacuation:
             async for page in api.conversation_history(conv, room=room, before_ms=bound):
                 served += len(page)
                 keyed = [(cursor_of(r), r) for r in page]
-                absent = set(await runtime.journal.ledger_missing(
+                absent = set(await self._ledger.ledger_missing(
                     self.name, [k for k, _ in keyed if k is not None]))
                 records = [r for k, r in keyed if k is not None and k in absent]
                 if records and not await self._repair(runtime, conv, records, verify):
@@ -564,7 +584,7 @@ class Evacuation:
         """--exit-when-done: the tail past the end of the check, every sink delivered, exit."""
         finished = int(self.control.get("finished_at") or time.time() * 1000)
         await self._read_through(finished)
-        target = journal.last_seq
+        target = await journal.max_seq()
         for sink in relay.config.sinks:
             # Sinks move their cursors in the journal; nothing to wait on but the cursor.
             while await journal.sink_cursor(sink) < target:  # noqa: ASYNC110
@@ -592,7 +612,7 @@ def run_evacuation(config: RelayConfig, name: str, *, exit_when_done: bool,
     assert isinstance(source_config, LeanCloudSourceConfig)
 
     async def main() -> int:
-        state = await read_state(relay_config.journal.path, name)
+        state = await read_state(relay_config, name)
         evacuation = Evacuation(name, source_config, paths, exit_when_done=exit_when_done,
                                 state=state)
         relay = Relay(relay_config, source_factory=evacuation.build_source)

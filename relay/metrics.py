@@ -200,6 +200,11 @@ JOURNAL_FULL = Gauge(
     "1 while the journal's file system is full and sources are paused.",
     registry=REGISTRY,
 )
+JOURNAL_UP = Gauge(
+    "relay_journal_up",
+    "1 while the journal's storage answers; 0 while its database cannot be reached.",
+    registry=REGISTRY,
+)
 JOURNAL_COMMIT_SECONDS = Histogram(
     "relay_journal_commit_seconds",
     "Time to commit one fetched batch.",

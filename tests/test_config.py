@@ -112,7 +112,7 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_second_relay_on_the_same_journal_exits_2(tmp_path: Path) -> None:
-    from relay.journal import SqliteJournal
+    from relay.journal.sqlite import SqliteJournal
 
     path = write(tmp_path, GOOD + f'\n[journal]\npath = "{tmp_path}/j.db"\n'.replace(
         "\n[journal]", "\n[metrics]\nenabled = false\n[journal]"))
@@ -136,10 +136,39 @@ def test_admin_commands_work_without_the_services_secrets(tmp_path: Path) -> Non
     assert run_cli("run", "--config", str(path)).returncode == 2
     import anyio
 
-    from relay.journal import SqliteJournal
+    from relay.journal.sqlite import SqliteJournal
 
     anyio.run(lambda: SqliteJournal.open(tmp_path / "j.db").close())
     status = run_cli("status", "--config", str(path))
     assert status.returncode == 0, status.stderr
     assert "journal" in status.stdout
     assert run_cli("dlq", "list", "--config", str(path)).returncode == 0
+
+
+def test_postgres_journal_takes_its_dsn_from_a_file_and_never_shows_the_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "dsn").write_text("postgresql://relay:pa55-w0rd@db.internal:5432/relay\n")
+    text = GOOD + f'\n[journal]\ntype = "postgres"\ndsn_file = "{tmp_path / "dsn"}"\n'
+    monkeypatch.setenv("RELAY_JOURNAL__SCHEMA", "tenant_a")
+    config = load_config(write(tmp_path, text))
+    assert config.journal.type == "postgres"
+    assert config.journal.schema_name == "tenant_a"
+    assert config.journal.describe() == \
+        "postgresql://relay@db.internal:5432/relay (schema tenant_a)"
+    assert "pa55-w0rd" in config.secret_values()
+    assert "relay" not in config.secret_values()  # a user name is no secret
+    assert "pa55-w0rd" not in repr(config)
+
+
+@pytest.mark.parametrize(("journal", "message"), [
+    ('type = "postgres"', "journal.dsn: required"),
+    ('type = "postgres"\ndsn = "mysql://x@y/z"', "journal.dsn: expected a postgresql://"),
+    ('type = "postgres"\ndsn = "postgresql://x@y/z"\npath = "j.db"', "journal.path: only for"),
+    ('type = "postgres"\ndsn = "postgresql://x@y/z"\nschema = "Bad-Name"', "journal.schema:"),
+    ('dsn = "postgresql://x@y/z"', "journal.dsn: only for"),
+    ('schema = "relay"', "journal.schema: only for"),
+    ('type = "mysql"', "journal.type"),
+])
+def test_bad_journal_settings_name_the_key(tmp_path: Path, journal: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(write(tmp_path, GOOD + f"\n[journal]\n{journal}\n"))

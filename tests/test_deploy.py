@@ -536,8 +536,8 @@ def test_alerts_cover_the_operational_signals() -> None:
                    "relay_source_requests_total", "relay_source_possible_loss_total",
                    "relay_sink_up", "relay_sink_oldest_pending_age_seconds",
                    "relay_journal_size_bytes", "relay_journal_limit_bytes",
-                   "relay_journal_disk_full", "relay_sink_dead_letters_total",
-                   'up{job="im-relay"}'):
+                   "relay_journal_disk_full", "relay_journal_up",
+                   "relay_sink_dead_letters_total", 'up{job="im-relay"}'):
         assert needed in exprs, needed
 
 

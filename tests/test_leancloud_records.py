@@ -75,3 +75,25 @@ def test_start_points() -> None:
     assert start_ms("2026-01-01T00:00:00+00:00", 0) == 1767225600000
     with pytest.raises(ValueError, match="earliest"):
         start_ms("yesterday-ish", 0)
+
+
+@pytest.mark.parametrize(("raw", "content", "encoding"), [
+    (json.dumps({"_lctype": -1, "_lctext": "hi"}).encode(), {"_lctype": -1, "_lctext": "hi"},
+     "json"),
+    ("今天天气不错".encode(), "今天天气不错", "text"),
+    (b"\x00\x01\xff", base64.b64encode(b"\x00\x01\xff").decode(), "base64"),
+])
+def test_bin_data_follows_the_one_content_rule(raw: bytes, content: object,
+                                               encoding: str) -> None:
+    """`bin: true` data is decoded like WuKongIM payloads: JSON, else UTF-8 text, else base64."""
+    event = normalize({**DOC_EXAMPLE, "data": base64.b64encode(raw).decode(), "bin": True},
+                      source="lc", fetched_at=1)
+    assert (event["content"], event["content_encoding"]) == (content, encoding)
+    if isinstance(content, dict):
+        assert event["type"] == "-1"
+
+
+def test_bin_data_that_is_not_base64_is_refused() -> None:
+    with pytest.raises(BadRecord, match="base64"):
+        normalize({**DOC_EXAMPLE, "data": "not base64!", "bin": True}, source="lc",
+                  fetched_at=1)

@@ -1,8 +1,11 @@
 """The journal interface: what sources, sinks and the CLI may rely on.
 
-Everything outside ``relay.journal`` talks to the journal only through
-:class:`Journal`, so that a shared backend (PostgreSQL, for several replicas
-with one active poller per source) can replace the embedded SQLite one.
+Everything outside ``relay.journal`` talks to the journal only through these
+Protocols, and opens it only through :func:`relay.journal.open_journal`, so that
+the shared backend (PostgreSQL) and the embedded one (SQLite) are interchangeable.
+A backend implements every part; a consumer types against the parts it uses
+(:class:`SinkJournal`, :class:`SourceJournal`), the relay and the CLI against
+:class:`Journal`.
 
 Exceptions::
 
@@ -12,15 +15,18 @@ Exceptions::
     ├── JournalSchemaError   the file was written by a newer relay
     ├── JournalUnusableError the configured storage cannot be used (a path under a
     │                        file, a folder that is not writable): exit 2
-    └── JournalGoneError     the journal's file was deleted or replaced under the
-                             relay: fatal (``fatal = True``), stop and exit non-zero
+    └── JournalGoneError     the journal's file (or schema) was deleted or replaced
+                             under the relay: fatal (``fatal = True``), stop, exit non-zero
+
+A database that cannot be reached raises plain :class:`JournalError`: callers
+hold what they have and retry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import orjson
 
@@ -52,6 +58,11 @@ class JournalGoneError(JournalError):
     """The journal's storage is no longer the one the relay opened (deleted, replaced)."""
 
     fatal = True
+
+
+#: Why writes cannot succeed now: the (SQLite) disk is nearly full, or the database
+#: cannot be reached.
+WriteBlocker = Literal["disk full", "database unreachable"]
 
 
 class Routing(NamedTuple):
@@ -176,12 +187,8 @@ class JournalStats:
     cursors: dict[str, str] = field(default_factory=dict)
 
 
-class Journal(Protocol):
-    """Durable, deduplicating event log with per-source and per-sink cursors."""
-
-    @property
-    def last_seq(self) -> int:
-        """The highest ``seq`` committed by this process or found at open."""
+class EventLog(Protocol):
+    """The deduplicating, ordered log of events: what sources append and sinks read."""
 
     async def commit_batch(
         self,
@@ -191,8 +198,30 @@ class Journal(Protocol):
         quarantine: Sequence[QuarantinedRecord] = (),
         ledger: LedgerBatch | None = None,
     ) -> CommitResult:
-        """Atomically insert new events (dropping known ids), quarantine, cursor moves and
-        ledger entries (see the ledger section below)."""
+        """Atomically insert new events, quarantined records, source cursor moves and
+        evacuation-ledger entries (:class:`Ledger`).
+
+        An event whose id the journal holds from within the dedup window is
+        dropped; one whose id was last accepted longer ago is accepted as new (at
+        a new ``seq``). Events get ever-increasing ``seq`` in the order given; a
+        reader that has seen a ``seq`` never later finds a smaller one appear.
+        """
+
+    async def read(self, after_seq: int, limit: int) -> list[StoredEvent]:
+        """Events with ``seq > after_seq`` in journal order."""
+
+    async def wait_for_events(self, after_seq: int, timeout: float) -> None:
+        """Return when an event past ``after_seq`` may exist, or after ``timeout`` seconds."""
+
+    async def count_since(self, since_ms: int, *, through_seq: int | None = None) -> int:
+        """Events fetched at or after ``since_ms`` (with ``seq <= through_seq``, if given)."""
+
+    async def compact(self, now_ms: int) -> int:
+        """Drop events past retention that every sink has delivered; returns how many."""
+
+
+class SourceState(Protocol):
+    """Source cursors (provider positions), also moved by :meth:`EventLog.commit_batch`."""
 
     async def get_cursors(self, prefix: str) -> dict[str, str]:
         """Source cursors whose key starts with ``prefix``."""
@@ -200,11 +229,9 @@ class Journal(Protocol):
     async def set_cursors(self, cursors: Mapping[str, str]) -> None:
         """Move cursors that are not tied to a batch (e.g. the time of the last poll)."""
 
-    async def read(self, after_seq: int, limit: int) -> list[StoredEvent]:
-        """Events with ``seq > after_seq`` in journal order."""
 
-    async def wait_for_events(self, after_seq: int, timeout: float) -> None:
-        """Return when an event past ``after_seq`` exists, or after ``timeout`` seconds."""
+class SinkCursors(Protocol):
+    """Each sink's position in the event log."""
 
     async def register_sinks(self, names: Sequence[str], *, prune: bool) -> None:
         """Create cursors for new sinks (at the start of the journal); drop unknown ones."""
@@ -213,13 +240,17 @@ class Journal(Protocol):
         """The last ``seq`` the sink has delivered."""
 
     async def advance_sink(self, sink: str, seq: int) -> None:
-        """Record that the sink delivered everything up to ``seq``."""
+        """Record that the sink delivered everything up to ``seq`` (never moves back)."""
 
     async def rewind_sink(self, sink: str, since_ms: int) -> int:
         """Move a sink's cursor back to re-deliver events fetched at or after ``since_ms``.
 
         Never forward: a cursor already before that point stays. Returns the cursor.
         """
+
+
+class DeadLetters(Protocol):
+    """Events a sink gave up on, kept with the error; replayable from the CLI."""
 
     async def add_dead_letters(
         self, sink: str, events: Sequence[StoredEvent], error: str, attempts: int
@@ -244,30 +275,56 @@ class Journal(Protocol):
                                   everything: bool = False) -> int:
         """Purge by ids, by sink, or everything."""
 
+
+class ControlRequests(Protocol):
+    """Requests from the CLI to a sink's runner (running now or later)."""
+
     async def request_control(self, sink: str, action: str, arg: str) -> None:
-        """Leave a request (e.g. ``replay``) for the sink's runner, running now or later."""
+        """Leave a request (e.g. ``replay``) for the sink's runner."""
 
     async def take_control(self, sink: str) -> list[tuple[str, str]]:
         """The sink's pending requests, removed as they are taken."""
 
+
+class Erasure(Protocol):
     async def erase_user(self, user_id: str, *, dry_run: bool = False) -> dict[str, int]:
         """Remove one user's events (as sender or recipient) everywhere the journal keeps data."""
 
-    async def count_since(self, since_ms: int, *, through_seq: int | None = None) -> int:
-        """Events fetched at or after ``since_ms`` (with ``seq <= through_seq``, if given)."""
 
-    async def compact(self, now_ms: int) -> int:
-        """Drop events past retention that every sink has delivered; returns how many."""
+class Health(Protocol):
+    """What the relay watches about the journal itself."""
+
+    async def max_seq(self) -> int:
+        """The highest ``seq`` committed (by any writer) that this journal knows of.
+
+        Cheap enough for a gauge per delivered batch: it may lag another writer's
+        latest commit by a moment, never this process's own. Never raises: while
+        the storage cannot be reached it answers what it last knew.
+        """
+
+    async def storage_bytes(self) -> int:
+        """Bytes the journal occupies (files, or the database's tables and indexes)."""
+
+    def write_blocker(self) -> WriteBlocker | None:
+        """Why the journal cannot take writes now, or None: while it cannot, sources
+        must not fetch what they could not commit."""
+
+    async def check_intact(self) -> None:
+        """Raise :class:`JournalGoneError` if the storage is no longer the one opened."""
 
     async def stats(self) -> JournalStats: ...
 
-    # -- the evacuation ledger ----------------------------------------------------
-    # A compact record of every message id a source has taken from a provider's
-    # history (journaled or quarantined), written in the same transaction as its
-    # batch and never compacted: it outlives ``retain``, so the completeness check at
-    # the end of an evacuation (``relay evacuate``) does not depend on events still
-    # being in the journal. Only the evacuated source writes it. Entries are unique on
-    # (source, timestamp, msg_id); the same entry committed twice counts once.
+
+class Ledger(Protocol):
+    """The evacuation ledger (``relay evacuate``).
+
+    A compact record of every message id a source has taken from a provider's
+    history (journaled or quarantined), written in the same transaction as its
+    batch and never compacted: it outlives ``retain``, so the completeness check
+    at the end of an evacuation does not depend on events still being in the
+    journal. Only the evacuated source writes it. Entries are unique on
+    (source, timestamp, msg_id); the same entry committed twice counts once.
+    """
 
     async def ledger_tallies(self, source: str, before_ms: int) -> dict[str, ConversationTally]:
         """Per conversation, the source's entries with a timestamp below ``before_ms``."""
@@ -279,13 +336,17 @@ class Journal(Protocol):
     async def ledger_quarantined(self, source: str, limit: int) -> list[LedgerEntry]:
         """The source's entries that were quarantined, oldest first (at most ``limit``)."""
 
-    def size_bytes(self) -> int:
-        """Bytes the journal occupies on disk."""
 
-    def has_space(self) -> bool:
-        """False when the file system is (nearly) full: sources must not poll."""
+class SinkJournal(EventLog, SinkCursors, DeadLetters, ControlRequests, Health, Protocol):
+    """What a sink's runner uses."""
 
-    def check_intact(self) -> None:
-        """Raise :class:`JournalGoneError` if the storage is no longer the one opened."""
+
+class SourceJournal(EventLog, SourceState, Health, Protocol):
+    """What a source uses (commits, cursors, whether to poll)."""
+
+
+class Journal(EventLog, SourceState, SinkCursors, DeadLetters, ControlRequests, Erasure,
+              Health, Ledger, Protocol):
+    """Durable, deduplicating event log with per-source and per-sink cursors."""
 
     async def close(self) -> None: ...

@@ -22,12 +22,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,7 +54,9 @@ from relay.journal.base import (
     QuarantinedRecord,
     SinkLag,
     StoredEvent,
+    WriteBlocker,
 )
+from relay.journal.group import GroupCommit, Pending
 from relay.private_files import make_private_dirs
 
 SCHEMA_VERSION = 2
@@ -122,20 +124,6 @@ def _is_disk_full(exc: sqlite3.Error) -> bool:
     return "disk is full" in text or "disk i/o error" in text
 
 
-@dataclass(eq=False)
-class _Pending:
-    """One caller's share of a group commit."""
-
-    events: Sequence[NewEvent] = ()
-    cursors: Mapping[str, str] | None = None
-    quarantine: Sequence[QuarantinedRecord] = ()
-    sink: tuple[str, int] | None = None
-    ledger: LedgerBatch | None = None
-    result: CommitResult | None = None
-    error: JournalError | None = None
-    done: bool = False
-
-
 class _Connection:
     """A sqlite3 connection used by one thread at a time."""
 
@@ -164,6 +152,7 @@ class SqliteJournal:
         *,
         retain_ms: int,
         min_free_bytes: int,
+        dedup_window_ms: int = 86_400_000,
     ) -> None:
         self.path = path
         self._writer = _Connection(writer) if writer is not None else None
@@ -171,10 +160,20 @@ class SqliteJournal:
         self._lock_fd = lock_fd
         self._retain_ms = retain_ms
         self._min_free_bytes = min_free_bytes
+        # An id already held is dropped unless its stored copy was fetched longer
+        # ago than the window: then it is re-inserted at a new seq, as new. The
+        # WHERE runs only on a conflict: the common path (a new id) pays nothing.
+        window = int(dedup_window_ms)  # an int: nothing but digits reaches the SQL
+        self._insert_events = (
+            "INSERT INTO events(seq, id, fetched_at, routing, payload)"  # noqa: S608
+            " VALUES (?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET seq=excluded.seq,"
+            " fetched_at=excluded.fetched_at, routing=excluded.routing, payload=excluded.payload"
+            f" WHERE events.fetched_at < excluded.fetched_at - {window}"
+        )
         self._last_seq = self._query_max_seq(reader)
-        self._written_seq = self._last_seq  # moved only by _group_commit, under its lock
-        self._queue: list[_Pending] = []
-        self._commit_lock: anyio.Lock | None = None
+        self._written_seq = self._last_seq  # moved only by _commit_group, one at a time
+        self._group = GroupCommit(self._commit_group)
+        self._empty_read_at = -1  # _last_seq when a read last found nothing new
         self._new_events: anyio.Event | None = None
         self._space_checked_at = 0.0
         self._space_ok = True
@@ -191,6 +190,7 @@ class SqliteJournal:
         *,
         retain_seconds: float = 86400.0,
         min_free_bytes: int = 64 * 1024 * 1024,
+        dedup_window_seconds: float = 86400.0,
     ) -> SqliteJournal:
         """Open (creating and migrating) the journal for writing; takes the single-writer lock."""
         db_path = Path(path)
@@ -238,6 +238,7 @@ class SqliteJournal:
             lock_fd,
             retain_ms=int(retain_seconds * 1000),
             min_free_bytes=min_free_bytes,
+            dedup_window_ms=int(dedup_window_seconds * 1000),
         )
 
     @classmethod
@@ -279,6 +280,10 @@ class SqliteJournal:
         if version != SCHEMA_VERSION:
             writer.close()
             reader.close()
+            if version > SCHEMA_VERSION:
+                raise JournalSchemaError(
+                    f"the journal {db_path} has schema version {version}; this relay knows "
+                    f"{SCHEMA_VERSION}: upgrade the relay")
             raise JournalSchemaError(
                 f"the journal {db_path} has schema version {version}, this relay {SCHEMA_VERSION}:"
                 " run this relay version once (relay run) to migrate it first")
@@ -355,6 +360,10 @@ class SqliteJournal:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+        # Who this journal is (``relay journal copy`` marks its target with it); not a
+        # schema change: older files gain the row at their next writable open.
+        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('journal_id', ?)",
+                     (secrets.randbits(62),))
 
     @staticmethod
     def _query_max_seq(conn: sqlite3.Connection) -> int:
@@ -372,7 +381,10 @@ class SqliteJournal:
             return None
         return st.st_dev, st.st_ino
 
-    def check_intact(self) -> None:
+    async def check_intact(self) -> None:
+        self._check_intact()
+
+    def _check_intact(self) -> None:
         """Raise :class:`JournalGoneError` if the path no longer names the opened journal."""
         if self._gone is None and self._writer is not None \
                 and self._file_identity() != self._identity:
@@ -383,9 +395,10 @@ class SqliteJournal:
 
     # -- writing -----------------------------------------------------------
 
-    @property
-    def last_seq(self) -> int:
-        return self._last_seq
+    async def max_seq(self) -> int:
+        if self._writer is not None:  # the only writer: it knows
+            return self._last_seq
+        return await self._reader.run(self._query_max_seq)
 
     def _w(self) -> _Connection:
         if self._writer is None:
@@ -396,7 +409,7 @@ class SqliteJournal:
         """Run ``fn`` in one immediate transaction on the writer connection."""
 
         def transaction(conn: sqlite3.Connection) -> _T:
-            self.check_intact()
+            self._check_intact()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 result = fn(conn)
@@ -405,7 +418,7 @@ class SqliteJournal:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
-                self.check_intact()
+                self._check_intact()
                 if _is_disk_full(exc):
                     raise JournalFullError(f"journal write failed, no space: {exc}") from None
                 raise JournalError(f"journal write failed: {exc}") from None
@@ -414,59 +427,24 @@ class SqliteJournal:
                     conn.execute("ROLLBACK")
                 raise
             # Committed, but into the file we opened only if the path still names it.
-            self.check_intact()
+            self._check_intact()
             return result
 
         return await self._w().run(transaction)
 
-    async def _group_commit(self, item: _Pending) -> None:
-        """Commit ``item`` together with whatever else is waiting (one fsync for all).
-
-        Sources on several endpoints and sinks moving their cursors commit at
-        the same time; the first to get the lock commits everything queued so
-        far, the others find their result ready. The holder commits shielded
-        from cancellation: the others' batches depend on it (a RongCloud batch
-        exists nowhere else). A caller cancelled while it waits takes its own
-        item back out of the queue, unless a holder already took it.
-        """
-        self._queue.append(item)
-        if self._commit_lock is None:
-            self._commit_lock = anyio.Lock()
+    async def _commit_group(self, group: list[Pending]) -> None:
+        """One transaction (one fsync) for a group of :class:`GroupCommit` callers."""
         try:
-            await self._commit_lock.acquire()
+            await self._write(lambda conn: self._apply_group(conn, group))
         except BaseException:
-            if item in self._queue:
-                self._queue.remove(item)
+            self._ledger.forget()  # what it remembered of this group was rolled back
             raise
-        try:
-            if item.done:
-                return
-            group, self._queue = self._queue, []
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._write(lambda conn: self._apply_group(conn, group))
-                except JournalError as exc:
-                    self._ledger.forget()
-                    for pending in group:
-                        pending.error = exc
-                    raise
-                except BaseException as exc:
-                    self._ledger.forget()
-                    error = JournalError(f"journal write failed: {exc!r}")
-                    for pending in group:
-                        pending.error = error
-                    raise
-                finally:
-                    for pending in group:
-                        pending.done = True
-            # Groups are serialized by the lock: the next one sees this seq.
-            self._written_seq = max(
-                [self._written_seq, *(p.result.last_seq for p in group if p.result)]
-            )
-        finally:
-            self._commit_lock.release()
+        # Groups are serialized by GroupCommit: the next one sees this seq.
+        self._written_seq = max(
+            [self._written_seq, *(p.result.last_seq for p in group if p.result)]
+        )
 
-    def _apply_group(self, conn: sqlite3.Connection, group: list[_Pending]) -> None:
+    def _apply_group(self, conn: sqlite3.Connection, group: list[Pending]) -> None:
         now = _now_ms()
         last = self._written_seq
         for item in group:
@@ -475,11 +453,11 @@ class SqliteJournal:
             if events:
                 # Explicit, ever-increasing seqs (cheaper than AUTOINCREMENT); a
                 # duplicate leaves a gap, which sinks do not mind. ON CONFLICT(id)
-                # only: a clash on seq would be a bug and must fail loudly.
+                # only: a clash on seq would be a bug and must fail loudly. An id
+                # accepted again after the dedup window moves to its new seq.
                 first = last + 1
                 cur = conn.executemany(
-                    "INSERT INTO events(seq, id, fetched_at, routing, payload)"
-                    " VALUES (?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
+                    self._insert_events,
                     [(first + i, e[0], e[1], e[2], e[3]) for i, e in enumerate(events)],
                 )
                 new = cur.rowcount
@@ -526,18 +504,14 @@ class SqliteJournal:
         quarantine: Sequence[QuarantinedRecord] = (),
         ledger: LedgerBatch | None = None,
     ) -> CommitResult:
-        item = _Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger)
-        await self._group_commit(item)
-        if item.error is not None:
-            raise item.error
-        if item.result is None:  # never: a group marks every member with a result or error
-            raise JournalError("journal commit finished without a result")
-        if item.result.new and item.result.last_seq > self._last_seq:
-            self._last_seq = item.result.last_seq
+        result = await self._group.submit(
+            Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger))
+        if result.new and result.last_seq > self._last_seq:
+            self._last_seq = result.last_seq
             if self._new_events is not None:
                 self._new_events.set()
                 self._new_events = None
-        return item.result
+        return result
 
     async def set_cursors(self, cursors: Mapping[str, str]) -> None:
         await self.commit_batch((), cursors=cursors)
@@ -561,10 +535,16 @@ class SqliteJournal:
             ).fetchall()
             return list(map(StoredEvent._make, rows))
 
-        return await self._reader.run(query)
+        known = self._last_seq
+        rows = await self._reader.run(query)
+        if not rows:
+            self._empty_read_at = known
+        return rows
 
     async def wait_for_events(self, after_seq: int, timeout: float) -> None:
-        if self._last_seq > after_seq:
+        # Past after_seq, unless a read just found nothing there (the events past it
+        # were erased): then wait for the next commit instead of spinning.
+        if self._last_seq > after_seq and self._last_seq != self._empty_read_at:
             return
         if self._new_events is None:
             self._new_events = anyio.Event()
@@ -593,10 +573,7 @@ class SqliteJournal:
         return await self._reader.run(query)
 
     async def advance_sink(self, sink: str, seq: int) -> None:
-        item = _Pending(sink=(sink, seq))
-        await self._group_commit(item)
-        if item.error is not None:
-            raise item.error
+        await self._group.submit(Pending(sink=(sink, seq)))
 
     async def rewind_sink(self, sink: str, since_ms: int) -> int:
         now = _now_ms()
@@ -778,6 +755,39 @@ class SqliteJournal:
 
         return await self._reader.run(query)
 
+    # -- moving an installation (relay journal copy) ------------------------
+
+    async def journal_id(self) -> int:
+        """This journal's identity (0 for a read-only open of a file that has none yet)."""
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._reader.run(query)
+
+    async def export_rows(self, table: str, columns: Sequence[str], after: int,
+                          limit: int) -> list[tuple[Any, ...]]:
+        """Rows of ``table`` whose first column (its integer key) is past ``after``.
+
+        ``table`` and ``columns`` come from the copy tool's fixed list, never from input.
+        """
+        sql = (f"SELECT {', '.join(columns)} FROM {table} WHERE {columns[0]} > ?"  # noqa: S608
+               f" ORDER BY {columns[0]} LIMIT ?")
+
+        def query(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, (after, limit)).fetchall()
+
+        return await self._reader.run(query)
+
+    async def export_keyed(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Every row of a small table keyed by text (cursors, sink cursors)."""
+        sql = f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]}"  # noqa: S608
+        return await self._reader.run(lambda conn: conn.execute(sql).fetchall())
+
+    async def high_seq(self) -> int:
+        """The highest seq ever assigned (also after its row was compacted or erased)."""
+        return await self._reader.run(self._query_max_seq)
+
     # -- housekeeping ------------------------------------------------------
 
     async def compact(self, now_ms: int) -> int:
@@ -821,6 +831,9 @@ class SqliteJournal:
         return await self._reader.run(
             lambda conn: sqlite_ledger.quarantined(conn, source, limit))
 
+    async def storage_bytes(self) -> int:
+        return self.size_bytes()
+
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal"):
@@ -828,7 +841,10 @@ class SqliteJournal:
                 total += os.stat(f"{self.path}{suffix}").st_size
         return total
 
-    def has_space(self) -> bool:
+    def write_blocker(self) -> WriteBlocker | None:
+        return None if self._has_space() else "disk full"
+
+    def _has_space(self) -> bool:
         if self._min_free_bytes <= 0:
             return True
         now = time.monotonic()

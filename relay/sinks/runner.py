@@ -17,7 +17,7 @@ import anyio
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.journal import Journal, JournalError, StoredEvent
+from relay.journal import JournalError, SinkJournal, StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import (
     DeliveryResult,
@@ -45,7 +45,7 @@ class SinkHealth:
 
 
 class SinkRunner:
-    def __init__(self, sink: Sink, config: SinkConfig, journal: Journal) -> None:
+    def __init__(self, sink: Sink, config: SinkConfig, journal: SinkJournal) -> None:
         self.sink = sink
         self.config = config
         self.journal = journal
@@ -105,7 +105,8 @@ class SinkRunner:
                 # Short, so that shutdown and requests are noticed promptly while idle.
                 await self.journal.wait_for_events(cursor, 0.5)
                 continue
-            metrics.SINK_PENDING.labels(self.name).set(max(0, self.journal.last_seq - cursor))
+            metrics.SINK_PENDING.labels(self.name).set(
+                max(0, await self.journal.max_seq() - cursor))
             metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(
                 max(0.0, time.time() - rows[0].fetched_at / 1000)
             )
@@ -197,7 +198,7 @@ class SinkRunner:
                             retry_in_seconds=round(delay, 2))
                 pending = sorted(result.retry, key=lambda e: e.seq)
             # The lag keeps growing while the batch waits: let the gauges show it.
-            self._report_lag(pending[0])
+            await self._report_lag(pending[0])
             if stopping.is_set():
                 return None
             await self._sleep(delay, stopping)
@@ -210,11 +211,11 @@ class SinkRunner:
             return min(hint, self.config.max_retry_after)
         return self._backoff.next()
 
-    def _report_lag(self, oldest: StoredEvent) -> None:
+    async def _report_lag(self, oldest: StoredEvent) -> None:
         metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(
             max(0.0, time.time() - oldest.fetched_at / 1000))
         metrics.SINK_PENDING.labels(self.name).set(
-            max(0, self.journal.last_seq - oldest.seq + 1))
+            max(0, await self.journal.max_seq() - oldest.seq + 1))
 
     async def _journal_write(self, what: str, write: Callable[[], Awaitable[None]],
                              stopping: anyio.Event) -> bool:

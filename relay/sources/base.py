@@ -22,12 +22,12 @@ from relay import metrics
 from relay.checks import CheckResult
 from relay.journal import (
     CommitResult,
-    Journal,
     JournalError,
     JournalFullError,
     LedgerBatch,
     NewEvent,
     QuarantinedRecord,
+    SourceJournal,
 )
 from relay.logs import get_logger
 from relay.sources.budget import BudgetRegistry, RequestBudget
@@ -60,7 +60,7 @@ class SourceHealth:
 class SourceRuntime:
     """Shared services handed to a running source."""
 
-    journal: Journal
+    journal: SourceJournal
     stopping: anyio.Event
     budgets: BudgetRegistry = field(default_factory=BudgetRegistry)
     disk_full_retry: float = 5.0
@@ -74,18 +74,22 @@ class SourceRuntime:
             await self.stopping.wait()
 
     async def wait_for_space(self, source: str) -> None:
-        """Hold polling while the journal's file system is full."""
-        if self.journal.has_space():
+        """Hold polling while the journal cannot take writes (disk full, database unreachable)."""
+        blocker = self.journal.write_blocker()
+        if blocker is None:
             return
         log.error(
-            "journal disk full: polling paused, nothing is acknowledged until space returns",
+            f"journal {blocker}: polling paused, nothing is acknowledged until it is back",
             source=source,
         )
-        metrics.JOURNAL_FULL.set(1)
-        while not self.journal.has_space() and not self.stopping.is_set():
+        full = blocker == "disk full"
+        if full:
+            metrics.JOURNAL_FULL.set(1)
+        while self.journal.write_blocker() is not None and not self.stopping.is_set():
             await self.sleep(1.0)
-        metrics.JOURNAL_FULL.set(0)
-        log.info("journal has space again: polling resumes", source=source)
+        if full:
+            metrics.JOURNAL_FULL.set(0)
+        log.info("journal writable again: polling resumes", source=source)
 
     async def commit(
         self,

@@ -47,6 +47,8 @@ def write_config(directory: Path, *, sources: dict[str, Any], sinks: dict[str, A
         "metrics": {"enabled": False},
         "log": {"level": "info", "format": "json"},
     }
+    if isinstance(top.get("journal"), dict) and top["journal"].get("type") == "postgres":
+        config["journal"] = {}  # no SQLite path
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
