@@ -16,7 +16,8 @@ import anyio.lowlevel
 import pytest
 
 from relay.emulators.wukongim import WuKongIMEmulator
-from relay.journal import NewEvent, SqliteJournal
+from relay.journal import NewEvent
+from relay.journal.sqlite import SqliteJournal
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.emulators import refused_port, serving
 from tests.support.hostile import ScriptedRongCloud, serving_app
@@ -174,11 +175,11 @@ async def test_group_commit_survives_the_holder_being_cancelled(tmp_path: Path) 
             tg.start_soon(journal._write, slow)  # next in line for the writer after c
             await until(lambda: waiting() == 2)
             tg.start_soon(advance_cursor)  # waits for the commit lock ...
-            await until(lambda: len(journal._queue) == 1)
+            await until(lambda: len(journal._group._queue) == 1)
             tg.start_soon(commit, "b")  # ... and b queues behind it, in the same group
-            await until(lambda: len(journal._queue) == 2)
+            await until(lambda: len(journal._group._queue) == 2)
             # c commits; the holder takes the group [cursor, b] and waits for the writer.
-            await until(lambda: "c" in results and not journal._queue and waiting() == 1)
+            await until(lambda: "c" in results and not journal._group._queue and waiting() == 1)
             holder.cancel()
         assert getattr(results.get("b"), "new", None) == 5, "b's batch was dropped"
         rows = await journal.read(0, 100)

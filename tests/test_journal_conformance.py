@@ -26,11 +26,14 @@ import pytest
 from relay import metrics
 from relay.config import JournalConfig
 from relay.journal import (
+    ConversationTally,
     Journal,
     JournalError,
     JournalGoneError,
     JournalLockedError,
     JournalSchemaError,
+    LedgerBatch,
+    LedgerEntry,
     NewEvent,
     OpenMode,
     QuarantinedRecord,
@@ -341,6 +344,42 @@ async def test_erasing_the_newest_events_leaves_no_busy_wait(backend: Backend) -
         started = anyio.current_time()
         await journal.wait_for_events(1, 0.3)
         assert anyio.current_time() - started >= 0.2, "returned at once: the sink would spin"
+
+
+async def test_the_ledger_is_written_with_its_batch_and_outlives_compaction(
+        backend: Backend) -> None:
+    old = int(time.time() * 1000) - 10_000
+    entries = [LedgerEntry("c1", 100, "m1"), LedgerEntry("c2", 100, "m0"),
+               LedgerEntry("c1", 100, "m2"), LedgerEntry("c1", 250, "m3"),
+               LedgerEntry("c2", 300, "bad", "data is not a string")]
+    async with backend.journal(retain=0.0, dedup_window=0.0) as journal:
+        await journal.register_sinks(["file"], prune=True)
+        await journal.commit_batch([new_event(e.msg_id, fetched_at=old) for e in entries[:4]],
+                                   cursors={"lc:messages:cursor": '[300,"bad"]'},
+                                   ledger=LedgerBatch("lc", entries))
+        # The same batch again (a crash before the cursor moved elsewhere): counted once.
+        await journal.commit_batch([], ledger=LedgerBatch("lc", entries[:2]))
+        await journal.commit_batch([], ledger=LedgerBatch("other", [LedgerEntry("c1", 1, "x")]))
+        await journal.advance_sink("file", await journal.max_seq())
+        assert await journal.compact(int(time.time() * 1000)) == 4
+        assert (await journal.stats()).events == 0
+        assert await journal.ledger_tallies("lc", 10_000) == {
+            "c1": ConversationTally(3, (100, "m1"), (250, "m3")),
+            "c2": ConversationTally(2, (100, "m0"), (300, "bad")),
+        }
+        assert await journal.ledger_tallies("lc", 250) == {
+            "c1": ConversationTally(2, (100, "m1"), (100, "m2")),
+            "c2": ConversationTally(1, (100, "m0"), (100, "m0")),
+        }
+        assert await journal.ledger_missing("lc", [(100, "m2"), (101, "m2"), (300, "bad"),
+                                                   (1, "x")]) == [(101, "m2"), (1, "x")]
+        assert await journal.ledger_missing("nobody", [(1, "x")]) == [(1, "x")]
+        assert await journal.ledger_quarantined("lc", 10) == [
+            LedgerEntry("c2", 300, "bad", "data is not a string")]
+        assert await journal.ledger_tallies("nobody", 10_000) == {}
+    # Kept across a reopen, readable by `relay status`-style read-only openers.
+    async with backend.journal("status") as reader:
+        assert (await reader.ledger_tallies("lc", 10_000))["c1"].count == 3
 
 
 async def test_stats_describe_the_journal(backend: Backend) -> None:
