@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import anyio.to_thread
 import click
+import httpx
 from pydantic import ValidationError
 
 from relay import __version__
@@ -239,15 +240,43 @@ def status(config_file: str | None, as_json: bool) -> None:
         stats = anyio.run(read)
     except JournalError as exc:
         fail(str(exc), 1)
+    live = _live_figures(view)
     if as_json:
         from dataclasses import asdict
 
         from relay.progress import status_entries
 
         click.echo(json.dumps({**asdict(stats), "evacuations": [
-            f.to_json() for f in status_entries(stats.cursors)]}, indent=2))
+            f.to_json() for f in status_entries(stats.cursors)], "running": live}, indent=2))
     else:
         click.echo(_format_status(stats))
+        click.echo(_format_live(live))
+
+
+def _live_figures(view: AdminView) -> dict[str, Any] | None:
+    """The running relay's own figures (its /stats), if it runs and serves them."""
+    if not view.metrics.enabled:
+        return None
+    from relay.top import fetch
+
+    try:
+        return fetch(stats_url(view.metrics.listen), timeout=2.0)
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _format_live(live: dict[str, Any] | None) -> str:
+    if live is None:
+        return "\nrunning relay: not reachable (stopped, or metrics off)"
+    lines = ["", f"running relay: pid {live['relay']['pid']}",
+             f"{'source/endpoint':<32} {'state':<13} last error"]
+    for r in live["sources"]:
+        lines.append(f"{r['source'] + '/' + r['endpoint']:<32} {r['state']:<13}"
+                     f" {r['last_error'][:80]}")
+    lines.append(f"{'sink':<32} {'state':<13} last error")
+    for r in live["sinks"]:
+        lines.append(f"{r['sink']:<32} {r['state']:<13} {r['last_error'][:80]}")
+    return "\n".join(lines)
 
 
 @main.command()

@@ -296,6 +296,7 @@ class AdminView(BaseModel):
 
     journal: JournalConfig
     sinks: list[str]
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @property
     def journal_path(self) -> str:
@@ -311,7 +312,8 @@ def load_admin_view(path: str | os.PathLike[str] | None) -> AdminView:
     """
     try:
         config = load_config(path, require_components=False)
-        return AdminView(journal=config.journal, sinks=list(config.sinks))
+        return AdminView(journal=config.journal, sinks=list(config.sinks),
+                         metrics=config.metrics)
     except ConfigError as exc:
         first_error = exc
     file = config_path(str(path) if path is not None else None)
@@ -332,7 +334,11 @@ def load_admin_view(path: str | os.PathLike[str] | None) -> AdminView:
         raise first_error from None
     sinks = data.get("sinks")
     names = [str(name) for name in sinks] if isinstance(sinks, dict) else []
-    return AdminView(journal=journal, sinks=names)
+    try:
+        metrics = MetricsConfig(**(data.get("metrics") or {}))
+    except (ValidationError, TypeError, ValueError):
+        metrics = MetricsConfig(enabled=False)
+    return AdminView(journal=journal, sinks=names, metrics=metrics)
 
 
 def parse_config(data: dict[str, Any]) -> RelayConfig:

@@ -216,6 +216,9 @@ class EventLog(Protocol):
     async def count_since(self, since_ms: int, *, through_seq: int | None = None) -> int:
         """Events fetched at or after ``since_ms`` (with ``seq <= through_seq``, if given)."""
 
+    async def count_after(self, after_seq: int) -> int:
+        """Events with ``seq > after_seq``: a sink's exact backlog (seqs have gaps)."""
+
     async def compact(self, now_ms: int) -> int:
         """Drop events past retention that every sink has delivered; returns how many."""
 

@@ -561,6 +561,10 @@ class PostgresJournal:
                 since_ms, through_seq)
         return int(value)
 
+    async def count_after(self, after_seq: int) -> int:
+        return int(await self._fetchval("SELECT count(*) FROM events WHERE seq > $1",
+                                        after_seq))
+
     # -- sinks -------------------------------------------------------------
 
     async def register_sinks(self, names: Sequence[str], *, prune: bool) -> None:

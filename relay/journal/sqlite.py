@@ -755,6 +755,10 @@ class SqliteJournal:
 
         return await self._reader.run(query)
 
+    async def count_after(self, after_seq: int) -> int:
+        return int(await self._reader.run(lambda conn: conn.execute(
+            "SELECT count(*) FROM events WHERE seq > ?", (after_seq,)).fetchone()[0]))
+
     # -- moving an installation (relay journal copy) ------------------------
 
     async def journal_id(self) -> int:

@@ -7,6 +7,7 @@ sink returned, so a crash repeats at most the batch in flight.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -27,10 +28,12 @@ from relay.sinks.base import (
     SinkError,
     SinkPausedError,
 )
+from relay.sinks.requests import OperatorRequests
 
 log = get_logger("relay.sink")
 
 REQUEST_POLL_INTERVAL = 1.0  # how often a running sink looks for CLI requests
+PENDING_COUNT_INTERVAL = 1.0  # how often the exact backlog is counted for the gauge
 
 
 @dataclass
@@ -51,6 +54,8 @@ class SinkRunner:
         self.journal = journal
         self.health = SinkHealth()
         self._backoff = Backoff(config.retry_backoff, config.retry_backoff_max)
+        self._requests = OperatorRequests(sink.name, journal, config.batch_size)
+        self._pending_counted_at = -float("inf")
 
     @property
     def name(self) -> str:
@@ -105,11 +110,7 @@ class SinkRunner:
                 # Short, so that shutdown and requests are noticed promptly while idle.
                 await self.journal.wait_for_events(cursor, 0.5)
                 continue
-            metrics.SINK_PENDING.labels(self.name).set(
-                max(0, await self.journal.max_seq() - cursor))
-            metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(
-                max(0.0, time.time() - rows[0].fetched_at / 1000)
-            )
+            await self._report_lag(rows[0])
             selected = [r for r in rows if sink_filter.matches(r)] if filtering else rows
             if len(selected) != len(rows):
                 metrics.SINK_FILTERED.labels(self.name).inc(len(rows) - len(selected))
@@ -127,30 +128,10 @@ class SinkRunner:
             self.health.cursor = cursor
 
     async def _serve_requests(self, cursor: int, stopping: anyio.Event) -> int:
-        """Apply replay requests left by the CLI and re-deliver dead letters marked for it."""
-        for action, arg in await self.journal.take_control(self.name):
-            if action == "replay":
-                # Only ever back (the journal keeps the smaller cursor, and so does this).
-                cursor = min(cursor, await self.journal.rewind_sink(self.name, int(arg)))
-                self.health.cursor = cursor
-                log.info("replaying from the journal", sink=self.name, since_ms=int(arg),
-                         from_seq=cursor + 1)
-        while not stopping.is_set():
-            marked = await self.journal.dead_letters_to_replay(self.name, self.config.batch_size)
-            if not marked:
-                break
-            events = [event for _, event in marked]
-            result = await self._deliver(events, stopping)
-            if result is None:
-                break
-            refused = {event.seq: error for event, error in result.rejected}
-            await self.journal.settle_dead_letters(
-                [dlid for dlid, e in marked if e.seq not in refused],
-                [(dlid, refused[e.seq]) for dlid, e in marked if e.seq in refused],
-            )
-            self._observe(events, result)
-            log.info("dead letters replayed", sink=self.name, delivered=len(marked) - len(refused),
-                     still_refused=len(refused))
+        """Operators' requests (``relay replay``, ``relay dlq replay``): see :mod:`.requests`."""
+        cursor = await self._requests.apply_rewinds(cursor)
+        self.health.cursor = cursor
+        await self._requests.replay_dead_letters(self._deliver, self._observe, stopping)
         return cursor
 
     async def _deliver(self, batch: list[StoredEvent],
@@ -212,10 +193,19 @@ class SinkRunner:
         return self._backoff.next()
 
     async def _report_lag(self, oldest: StoredEvent) -> None:
+        """The lag gauges, from the oldest event not delivered yet.
+
+        Pending is counted exactly (seqs have gaps where duplicates were dropped, so
+        a difference of seqs would overstate it), at most once per second.
+        """
         metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(
             max(0.0, time.time() - oldest.fetched_at / 1000))
-        metrics.SINK_PENDING.labels(self.name).set(
-            max(0, await self.journal.max_seq() - oldest.seq + 1))
+        now = time.monotonic()
+        if now - self._pending_counted_at >= PENDING_COUNT_INTERVAL:
+            self._pending_counted_at = now
+            with contextlib.suppress(JournalError):  # a gauge, not worth failing over
+                metrics.SINK_PENDING.labels(self.name).set(
+                    await self.journal.count_after(oldest.seq - 1))
 
     async def _journal_write(self, what: str, write: Callable[[], Awaitable[None]],
                              stopping: anyio.Event) -> bool:

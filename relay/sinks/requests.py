@@ -1,0 +1,58 @@
+"""Operators' requests to a running sink: ``relay replay`` and ``relay dlq replay``.
+
+The CLI leaves them in the journal (control requests, dead letters marked for
+replay); the sink's runner picks them up between batches, so they reach a
+running relay within a second or a stopped one at its next start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from relay.journal import SinkJournal, StoredEvent
+from relay.logs import get_logger
+from relay.sinks.base import DeliveryResult
+
+log = get_logger("relay.sink")
+
+Deliver = Callable[[list[StoredEvent], anyio.Event], Awaitable[DeliveryResult | None]]
+Observe = Callable[[list[StoredEvent], DeliveryResult], None]
+
+
+class OperatorRequests:
+    def __init__(self, sink: str, journal: SinkJournal, batch_size: int) -> None:
+        self.sink = sink
+        self.journal = journal
+        self.batch_size = batch_size
+
+    async def apply_rewinds(self, cursor: int) -> int:
+        """``relay replay``: move the cursor back; never forward (SPEC §4 e)."""
+        for action, arg in await self.journal.take_control(self.sink):
+            if action == "replay":
+                # Only ever back (the journal keeps the smaller cursor, and so does this).
+                cursor = min(cursor, await self.journal.rewind_sink(self.sink, int(arg)))
+                log.info("replaying from the journal", sink=self.sink, since_ms=int(arg),
+                         from_seq=cursor + 1)
+        return cursor
+
+    async def replay_dead_letters(self, deliver: Deliver, observe: Observe,
+                                  stopping: anyio.Event) -> None:
+        """``relay dlq replay``: re-deliver marked dead letters; drop those delivered."""
+        while not stopping.is_set():
+            marked = await self.journal.dead_letters_to_replay(self.sink, self.batch_size)
+            if not marked:
+                return
+            events = [event for _, event in marked]
+            result = await deliver(events, stopping)
+            if result is None:
+                return
+            refused = {event.seq: error for event, error in result.rejected}
+            await self.journal.settle_dead_letters(
+                [dlid for dlid, e in marked if e.seq not in refused],
+                [(dlid, refused[e.seq]) for dlid, e in marked if e.seq in refused],
+            )
+            observe(events, result)
+            log.info("dead letters replayed", sink=self.sink,
+                     delivered=len(marked) - len(refused), still_refused=len(refused))
