@@ -232,6 +232,31 @@ async def test_sink_cursors_only_advance_and_rewind_only_goes_back(backend: Back
         assert await journal.sink_cursor("s") == 1  # registering again keeps the cursor
 
 
+async def test_an_event_id_is_found_at_its_seq_and_only_as_that_copy(backend: Backend) -> None:
+    """What a sink that knows only its last event id (a file) resumes from."""
+    now = int(time.time() * 1000)
+    async with backend.journal(dedup_window=3 * 3600.0, retain=3 * 3600.0) as journal:
+        await journal.commit_batch([new_event("a", fetched_at=now - 4 * HOUR_MS),
+                                    new_event("b", fetched_at=now)])
+        rows = {r.id: r for r in await journal.read(0, 10)}
+        assert await journal.event_seq("rc:b") == rows["rc:b"].seq
+        assert await journal.event_seq("rc:b", rows["rc:b"].fetched_at) == rows["rc:b"].seq
+        assert await journal.event_seq("rc:nul\x00") is None  # PostgreSQL text cannot hold NUL
+        assert await journal.event_seq("rc:never") is None
+        # Accepted again after the dedup window: the old copy's fetched_at no longer matches.
+        old = rows["rc:a"]
+        await journal.commit_batch([new_event("a", fetched_at=now)])
+        assert await journal.event_seq("rc:a", old.fetched_at) is None
+        assert (await journal.event_seq("rc:a", now) or 0) > rows["rc:b"].seq
+        # Erased (as compaction would): gone.
+        await journal.erase_user("u1")
+        assert await journal.event_seq("rc:b") is None
+        identity = await journal.journal_id()
+        assert identity != 0
+    async with backend.journal() as journal:
+        assert await journal.journal_id() == identity, "an identity lasts the journal's life"
+
+
 # -- dead letters and control requests ---------------------------------------------
 
 

@@ -251,6 +251,19 @@ class SinkCursors(Protocol):
         Never forward: a cursor already before that point stays. Returns the cursor.
         """
 
+    async def event_seq(self, event_id: str, fetched_at: int | None = None) -> int | None:
+        """The ``seq`` the journal holds the event ``event_id`` at, or None if it holds none.
+
+        With ``fetched_at``: only that copy. An id accepted again after the dedup
+        window is another copy at a later seq; a sink that holds the older one
+        must not take the newer one's place. None also when compacted or erased.
+        """
+
+    async def journal_id(self) -> int:
+        """This journal's identity: fixed for its life, another for a new journal (even in
+        the same place). A destination records it beside a seq, so that a seq from
+        another journal is never taken for one of this journal's."""
+
 
 class DeadLetters(Protocol):
     """Events a sink gave up on, kept with the error; replayable from the CLI."""

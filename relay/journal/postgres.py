@@ -585,6 +585,17 @@ class PostgresJournal:
     async def advance_sink(self, sink: str, seq: int) -> None:
         await self._group.submit(Pending(sink=(sink, seq)))
 
+    async def event_seq(self, event_id: str, fetched_at: int | None = None) -> int | None:
+        rows = await self._fetch("SELECT seq, fetched_at FROM events WHERE id = $1",
+                                 _text(event_id))
+        row = rows[0] if rows else None
+        if row is None or (fetched_at is not None and int(row[1]) != fetched_at):
+            return None
+        return int(row[0])
+
+    async def journal_id(self) -> int:
+        return self._journal_id
+
     async def rewind_sink(self, sink: str, since_ms: int) -> int:
         now = _now_ms()
         async with self._connection() as conn, conn.transaction():

@@ -596,6 +596,16 @@ class SqliteJournal:
 
         return await self._write(apply)
 
+    async def event_seq(self, event_id: str, fetched_at: int | None = None) -> int | None:
+        def query(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT seq, fetched_at FROM events WHERE id = ?",
+                               (event_id,)).fetchone()
+            if row is None or (fetched_at is not None and int(row[1]) != fetched_at):
+                return None
+            return int(row[0])
+
+        return await self._reader.run(query)
+
     # -- dead letters ------------------------------------------------------
 
     async def add_dead_letters(
