@@ -353,8 +353,9 @@ class Ledger(Protocol):
         """The source's entries that were quarantined, oldest first (at most ``limit``)."""
 
 
-class SinkJournal(EventLog, SinkCursors, DeadLetters, ControlRequests, Health, Protocol):
-    """What a sink's runner uses."""
+class SinkJournal(EventLog, SourceState, SinkCursors, DeadLetters, ControlRequests, Health,
+                  Protocol):
+    """What a sink's runner uses (named cursors too: its replay mark)."""
 
 
 class SourceJournal(EventLog, SourceState, Health, Protocol):

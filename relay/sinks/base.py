@@ -8,19 +8,33 @@ outage). Whole-batch failures are exceptions::
 
     SinkError
     ├── RetryableError   transient: retry the same batch later (honours retry_after)
-    └── SinkPausedError  the destination itself is wrong (auth, 404, a redirect, a
-                         missing topic): pause and alert
+    ├── SinkPausedError  the destination itself is wrong (auth, 404, a redirect, a
+    │                    missing topic): pause and alert
+    └── SinkFencedError  another writer took the destination over (a second relay, a
+                         moved lease): stop delivering, alert; retrying cannot help
 
 Partial failure is data, in :class:`DeliveryResult`: events the destination
 refuses for good (``rejected``) go to the dead-letter store; events this
 attempt did not deliver (``retry``, e.g. one lane of a webhook) are tried
 again by the runner; everything else was delivered.
+
+Position. A sink whose destination records where it stands, atomically with
+the data (``commits_position``: Kafka with ``exactly_once``, whose transactions
+hold a cursor record; a file, whose last line is the last event it holds),
+says so through :meth:`Sink.position`. At start the runner takes that
+position over the journal's cursor when it is ahead (the crash fell between
+the destination's commit and the journal's cursor write), so nothing is
+delivered twice; never when it is behind (the journal's cursor is never moved
+back silently). Each delivery carries an :class:`Advance`: the seq the batch
+moves the cursor to, to be recorded with the data, and ``settle``, which keeps
+refused events as dead letters *before* the position commits (a position
+committed first would skip them for good after a crash).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,6 +59,50 @@ class RetryableError(SinkError):
 
 class SinkPausedError(SinkError):
     """The destination rejects the sink itself (credentials, address): an operator must act."""
+
+
+class SinkFencedError(SinkError):
+    """Another writer holds the destination now (a newer producer with the sink's
+    transactional id): this one must write nothing more."""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkPosition:
+    """Where a destination stands, as it recorded it itself.
+
+    Either the journal ``seq`` it recorded (with the ``journal`` it belongs to),
+    or the last event it holds (``event_id`` and its ``fetched_at``), which the
+    runner looks up in the journal. ``where`` names it in the logs.
+    """
+
+    where: str
+    seq: int | None = None
+    journal: int | None = None
+    event_id: str | None = None
+    fetched_at: int | None = None
+
+
+#: Keeps refused events as dead letters; False if the relay stopped first (then the
+#: sink must not commit its position: the batch repeats after the restart).
+Settle = Callable[[Sequence[tuple[StoredEvent, str]]], Awaitable[bool]]
+
+
+async def _settled_later(_refused: Sequence[tuple[StoredEvent, str]]) -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """What a batch moves, for a sink that records its position with the data.
+
+    ``seq`` is the journal seq the sink's cursor moves to with this batch (None:
+    it stays, e.g. re-delivered dead letters); ``journal`` the journal's identity,
+    recorded beside it.
+    """
+
+    seq: int | None
+    journal: int = 0
+    settle: Settle = _settled_later
 
 
 @dataclass
@@ -96,12 +154,26 @@ class SinkConfig(ComponentConfig):
 
 class Sink(Protocol):
     name: str
+    #: The destination records its position with the data (see the module's docstring).
+    commits_position: bool
 
     async def start(self) -> None:
         """Connect / open; may raise :class:`SinkError` (the runner retries)."""
 
-    async def deliver(self, events: Sequence[StoredEvent]) -> DeliveryResult:
-        """One attempt at the batch; what is not in ``rejected`` or ``retry`` is safe."""
+    async def position(self) -> SinkPosition | None:
+        """Where the destination stands (after :meth:`start`); None if it does not know.
+
+        May raise :class:`SinkError` (the runner retries).
+        """
+
+    async def deliver(self, events: Sequence[StoredEvent],
+                      advance: Advance | None = None) -> DeliveryResult:
+        """One attempt at the batch; what is not in ``rejected`` or ``retry`` is safe.
+
+        A sink that commits its position records ``advance.seq`` with the data and
+        passes what it refuses to ``advance.settle`` before committing (and still
+        returns it in ``rejected``).
+        """
 
     async def close(self) -> None: ...
 

@@ -1,7 +1,10 @@
 """File sink: JSON Lines, raw UTF-8, one event per line, fsynced per batch.
 
 After a crash the last line may be torn (written in part): it is cut off
-before anything is appended, and the journal re-delivers the batch. Files
+before anything is appended. The file is its own position: at start the last
+whole line's event id (in the newest rotated file if the current one is
+empty) tells the runner where the file stands, so a crash between the fsync
+and the journal's cursor write repeats no line. Files
 rotate by size and/or age into the same folder as
 ``<stem>-<UTC timestamp><suffix>`` (``events-20261125T191037Z.jsonl``),
 optionally gzipped. A file's age is that of its first event (so restarts do
@@ -33,7 +36,7 @@ from relay.config_base import ByteSize, Duration
 from relay.journal import StoredEvent
 from relay.logs import get_logger
 from relay.private_files import make_private_dirs
-from relay.sinks.base import DeliveryResult, RetryableError, SinkConfig
+from relay.sinks.base import Advance, DeliveryResult, RetryableError, SinkConfig, SinkPosition
 
 log = get_logger("relay.sink.file")
 
@@ -196,6 +199,45 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def last_line(path: Path) -> bytes | None:
+    """The last whole line of a JSON Lines file (plain or gzipped), or None if it has none."""
+    if path.name.endswith(".gz"):
+        found = None
+        with gzip.open(path, "rb") as packed:  # a gzip stream reads only forwards
+            for line in packed:
+                if line.endswith(b"\n"):
+                    found = line
+        return found
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - 64 * 1024)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            end = start
+            whole = tail[:tail.rfind(b"\n") + 1]  # a torn end is no line
+            if not whole:
+                continue
+            cut = whole.rfind(b"\n", 0, len(whole) - 1)
+            if cut >= 0 or end == 0:
+                return whole[cut + 1:]
+    return None
+
+
+def newest_file(path: Path) -> Path | None:
+    """The current file if it holds anything, else the newest rotated one (names sort by
+    time), else None."""
+    try:
+        if path.stat().st_size > 0:
+            return path
+    except FileNotFoundError:
+        pass
+    pattern = f"{path.stem}-*{path.suffix}"
+    rotated = [*path.parent.glob(pattern), *path.parent.glob(pattern + ".gz")]
+    return max(rotated, key=lambda p: p.name.removesuffix(".gz"), default=None)
+
+
 def first_line_fetched_at(path: Path) -> float | None:
     """When the file's first event was fetched (seconds), or None if it cannot be read."""
     try:
@@ -207,6 +249,9 @@ def first_line_fetched_at(path: Path) -> float | None:
 
 
 class FileSink:
+    #: The last line written is the position: fsynced with the data, read back at start.
+    commits_position = True
+
     def __init__(self, name: str, config: FileSinkConfig) -> None:
         self.name = name
         self.config = config
@@ -235,6 +280,30 @@ class FileSink:
         # often than rotate_interval must still rotate.
         self._opened_at = (first_line_fetched_at(self.path) if self._size else None) \
             or time.time()
+
+    async def position(self) -> SinkPosition | None:
+        return await anyio.to_thread.run_sync(self._position, limiter=self._limiter)
+
+    def _position(self) -> SinkPosition | None:
+        if self._file is None:
+            self._open()  # cuts a torn line first: only whole lines count
+        try:
+            file = newest_file(self.path)
+            line = last_line(file) if file is not None else None
+        except (OSError, EOFError) as exc:
+            log.warning("cannot read the file's last event; resuming from the journal's"
+                        " cursor", sink=self.name, path=str(self.path), error=str(exc))
+            return None
+        if file is None or line is None:
+            return None
+        try:
+            event = orjson.loads(line)
+            return SinkPosition(str(file), event_id=str(event["id"]),
+                                fetched_at=int(event["fetched_at"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("the file's last line is not an event; resuming from the journal's"
+                        " cursor", sink=self.name, path=str(file))
+            return None
 
     def _rotate_due(self) -> bool:
         c = self.config
@@ -270,7 +339,8 @@ class FileSink:
             os.fsync(self._file.fileno())
         self._size += len(data)
 
-    async def deliver(self, events: Sequence[StoredEvent]) -> DeliveryResult:
+    async def deliver(self, events: Sequence[StoredEvent],
+                      advance: Advance | None = None) -> DeliveryResult:
         try:
             await anyio.to_thread.run_sync(self._write, events, limiter=self._limiter)
         except OSError as exc:

@@ -9,6 +9,17 @@ it is acknowledged by the brokers; only then does the runner move the sink's
 cursor. Any failure retries the whole batch (at-least-once: consumers dedup on
 the ``id`` header), after the producer is rebuilt.
 
+Exactly once (``exactly_once = true``): a transactional producer whose
+``transactional_id`` is stable per sink (a newer producer with it, a second
+relay or the sink's lease moved elsewhere, fences this one: it then delivers
+nothing more and says so). One transaction per batch holds the batch's
+records and the sink's cursor record (:mod:`.kafka_cursor`); on start the
+cursor is read back (``read_committed``) and wins over the journal's when
+ahead, so a consumer reading ``read_committed`` sees every event once. Any
+error aborts the transaction; nothing is written outside one. Records the
+brokers refuse are set aside as dead letters (before the commit) and the rest
+committed without them.
+
 Topics that do not exist: a templated topic is chosen partly by senders (the
 message ``type`` comes from the client), so an unknown one dead-letters only
 its records, or is created where ``create_topics`` says so; a missing fixed
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import ssl
 import time
 from collections.abc import Sequence
@@ -31,11 +43,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_lz4, has_snappy, has_zstd
 from aiokafka.errors import (
     InvalidMessageError,
+    InvalidProducerEpoch,
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
+    ProducerFenced,
     RecordTooLargeError,
     TopicAlreadyExistsError,
+    TransactionalIdAuthorizationFailed,
     UnknownTopicOrPartitionError,
     for_code,
 )
@@ -46,18 +61,25 @@ from relay.config_base import ByteSize, Duration
 from relay.journal import Routing, StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import (
+    Advance,
     DeliveryResult,
     RetryableError,
     SinkConfig,
     SinkError,
+    SinkFencedError,
     SinkPausedError,
+    SinkPosition,
 )
+from relay.sinks.kafka_cursor import CursorRecord, ensure_cursor_topic, read_cursor
 
 log = get_logger("relay.sink.kafka")
 
 # The record itself is unacceptable: retrying cannot help, the event is dead-lettered.
 RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidMessageError,
                  InvalidTopicError)
+# A newer producer with the same transactional id (or the coordinator's abort of a
+# transaction older than its timeout, told apart by the transaction's age).
+FENCED_ERRORS = (ProducerFenced, InvalidProducerEpoch)
 
 _PLACEHOLDER = re.compile(r"\{([a-z_.]+)\}")
 _TOPIC_FIELDS = {
@@ -97,6 +119,15 @@ class KafkaSinkConfig(SinkConfig):
     create_topic_replication: int = Field(default=-1, ge=-1)
     # How long to wait for a broker that creates topics on first use to show a new one.
     topic_wait: Duration = Field(default=5.0, gt=0)
+    # Transactions: every batch with the sink's cursor, read_committed consumers see each
+    # event once. The transactional id and the cursor topic default to names derived from
+    # client_id and the sink's name (see transactional_id_of / cursor_topic_of).
+    exactly_once: bool = False
+    transactional_id: str | None = Field(default=None, min_length=1, max_length=249)
+    cursor_topic: str | None = Field(default=None, min_length=1, max_length=249)
+    # An open transaction of a relay killed for good holds read_committed consumers back
+    # until this; a restarted relay aborts it at once.
+    transaction_timeout: Duration = Field(default=60.0, ge=1.0, le=900.0)
 
     @field_validator("topic")
     @classmethod
@@ -125,6 +156,15 @@ class KafkaSinkConfig(SinkConfig):
             if not self.sasl_username or self.sasl_password is None:
                 raise ValueError("sasl_username: SASL needs sasl_username and sasl_password")
         return self
+
+
+def transactional_id_of(name: str, config: KafkaSinkConfig) -> str:
+    """Stable per sink: a new holder of the sink (restart, lease) fences the old one."""
+    return config.transactional_id or f"{config.client_id}.{name}"
+
+
+def cursor_topic_of(name: str, config: KafkaSinkConfig) -> str:
+    return config.cursor_topic or _TOPIC_UNSAFE.sub("_", f"{config.client_id}.{name}.cursor")
 
 
 def topic_for(template: str, routing: Routing) -> str:
@@ -173,7 +213,16 @@ class KafkaSink:
     def __init__(self, name: str, config: KafkaSinkConfig) -> None:
         self.name = name
         self.config = config
+        #: With exactly_once the cursor record rides in each batch's transaction.
+        self.commits_position = config.exactly_once
+        self.transactional_id = transactional_id_of(name, config)
+        self.cursor_topic = cursor_topic_of(name, config)
         self._producer: Any = None
+        self._cursor_ready = False
+        self._fenced: str | None = None
+        # A commit whose outcome is unknown (the producer failed inside it): its token,
+        # checked against the cursor record before the batch goes again.
+        self._uncertain: str | None = None
         self._templated = "{" in config.topic
         self._known_topics: set[str] = set()
         self._missing_topics: dict[str, float] = {}  # topic → when it was found missing
@@ -204,9 +253,14 @@ class KafkaSink:
 
     def _new_producer(self) -> Any:
         c = self.config
+        transactional: dict[str, Any] = {}
+        if c.exactly_once:
+            transactional = {"transactional_id": self.transactional_id,
+                             "transaction_timeout_ms": int(c.transaction_timeout * 1000)}
         return AIOKafkaProducer(
             acks="all",
             enable_idempotence=True,
+            **transactional,
             compression_type=None if c.compression == "none" else c.compression,
             linger_ms=int(c.linger * 1000),
             max_batch_size=c.max_batch_bytes,
@@ -215,27 +269,75 @@ class KafkaSink:
         )
 
     async def start(self) -> None:
+        if self._fenced is not None:
+            raise SinkFencedError(self._fenced)
         if self._producer is not None:
             return
         producer = self._new_producer()
         try:
-            await producer.start()
-        except (KafkaError, OSError) as exc:
-            await _quiet_stop(producer)
+            # Bounded: a transactional producer waits for its coordinator indefinitely.
+            with anyio.fail_after(self.config.request_timeout * 2):
+                # For exactly_once this also fences an older producer with the same
+                # transactional id and ends its open transaction (aborted, or committed
+                # if it was committing): after it, the cursor record is final.
+                await producer.start()
+        except TransactionalIdAuthorizationFailed:
+            await _quiet_stop(producer, self.config.request_timeout)
+            raise SinkPausedError(f"the brokers do not allow the transactional id"
+                                  f" {self.transactional_id}: grant it, or set"
+                                  " transactional_id") from None
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await _quiet_stop(producer, self.config.request_timeout)
             raise SinkError(f"cannot connect to Kafka: {_describe(exc)}") from None
         self._producer = producer
+        if self.config.exactly_once and not self._cursor_ready:
+            try:
+                await ensure_cursor_topic(
+                    self._connection_settings(), self.cursor_topic,
+                    replication=self.config.create_topic_replication,
+                    timeout=self.config.request_timeout)
+            except (KafkaError, OSError) as exc:
+                await self._reset()
+                raise SinkError(f"cannot look up the cursor topic {self.cursor_topic}:"
+                                f" {_describe(exc)}") from None
+            except SinkPausedError:
+                await self._reset()
+                raise
+            self._cursor_ready = True
+
+    async def position(self) -> SinkPosition | None:
+        if not self.config.exactly_once:
+            return None
+        record = await self._read_cursor()
+        if record is None:
+            return None
+        return SinkPosition(f"topic {self.cursor_topic}", seq=record.seq,
+                            journal=record.journal)
+
+    async def _read_cursor(self) -> CursorRecord | None:
+        try:
+            return await read_cursor(self._connection_settings(), self.cursor_topic, self.name,
+                                     timeout=self.config.request_timeout * 2)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise SinkError(f"cannot read the cursor topic {self.cursor_topic}:"
+                            f" {_describe(exc)}") from None
 
     async def _reset(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            await _quiet_stop(producer)
+            await _quiet_stop(producer, self.config.request_timeout)
 
-    async def deliver(self, events: Sequence[StoredEvent]) -> DeliveryResult:
+    async def deliver(self, events: Sequence[StoredEvent],
+                      advance: Advance | None = None) -> DeliveryResult:
         if self._producer is None:
             try:
                 await self.start()
+            except (SinkFencedError, SinkPausedError):
+                raise
             except SinkError as exc:
                 raise RetryableError(str(exc)) from None
+        if self.config.exactly_once:
+            return await self._deliver_in_transaction(events, advance or Advance(None))
         producer = self._producer
         template = self.config.topic
         futures = []
@@ -279,6 +381,134 @@ class KafkaSink:
             raise RetryableError(f"Kafka did not acknowledge the batch: {_describe(exc)}") \
                 from None
         return result
+
+    async def _deliver_in_transaction(self, events: Sequence[StoredEvent],
+                                      advance: Advance) -> DeliveryResult:
+        """One transaction: the records and the cursor record, or (after any error) nothing."""
+        if self._uncertain is not None and await self._committed_already():
+            return DeliveryResult()
+        template = self.config.topic
+        records = [(event, *kafka_record(event)) for event in events]
+        topics = [topic_for(template, routing) for _, _, _, routing in records]
+        refused: dict[int, str] = {}
+        try:
+            with anyio.fail_after(self.config.request_timeout * 2):
+                missing = await self._missing(set(topics))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await self._reset()
+            raise RetryableError(f"Kafka metadata unavailable: {_describe(exc)}") from None
+        if missing and not self._templated:
+            raise SinkPausedError(
+                f"topic {template} does not exist on the brokers (and create_topics is"
+                " off): create it, or let the relay create it")
+        for (event, *_), topic in zip(records, topics, strict=True):
+            if topic in missing:
+                refused[event.seq] = (f"unknown topic {topic}: the brokers do not create"
+                                      " topics (set create_topics to let the relay create it)")
+        # Each round either commits or sets aside at least one more refused record.
+        while True:
+            outcome = await self._transaction(records, topics, refused, advance)
+            if outcome is None:
+                return DeliveryResult(rejected=[(e, refused[e.seq]) for e in events
+                                                if e.seq in refused])
+
+    async def _transaction(self, records: list[tuple[StoredEvent, bytes, list[tuple[str, bytes]],
+                                                     Routing]],
+                           topics: list[str], refused: dict[int, str],
+                           advance: Advance) -> str | None:
+        """One try; None once committed, else why it was aborted (refused records found)."""
+        producer = self._producer
+        began = time.monotonic()
+        token = secrets.token_hex(8)
+        futures: list[tuple[StoredEvent, Any]] = []
+        cursor_sent: Any = None
+        try:
+            with anyio.fail_after(self.config.request_timeout * 2):
+                await producer.begin_transaction()
+                for (event, key, headers, _), topic in zip(records, topics, strict=True):
+                    if event.seq in refused:
+                        continue
+                    try:
+                        future = await producer.send(topic, event.payload, key=key,
+                                                     headers=headers)
+                    except RECORD_ERRORS as exc:  # refused before it joined the transaction
+                        refused[event.seq] = _describe(exc)
+                        continue
+                    futures.append((event, future))
+                if advance.seq is not None:
+                    cursor = CursorRecord(advance.seq, advance.journal or None, token)
+                    cursor_sent = await producer.send(
+                        self.cursor_topic, cursor.encode(self.name), key=self.name.encode(),
+                        partition=0)
+                    await cursor_sent
+                newly_refused = False
+                for event, future in futures:
+                    try:
+                        await future
+                    except RECORD_ERRORS as exc:
+                        refused[event.seq] = _describe(exc)
+                        newly_refused = True
+                if newly_refused:
+                    # The brokers refused records inside the transaction: drop it and go
+                    # again without them (a fresh producer: their sequence numbers are spent).
+                    await self._abort(producer)
+                    await self._reset()
+                    await self.start()
+                    return "refused records"
+            # Not under the deadline: dead letters wait for the journal as long as it takes.
+            refusals = [(e, refused[e.seq]) for e, *_ in records if e.seq in refused]
+            if refusals and not await advance.settle(refusals):
+                await self._abort(producer)
+                raise RetryableError("stopping before the dead letters were kept")
+            with anyio.fail_after(self.config.request_timeout * 2):
+                self._uncertain = token
+                await producer.commit_transaction()
+                self._uncertain = None
+            return None
+        except FENCED_ERRORS as exc:
+            _consume([*futures, (None, cursor_sent)])
+            if time.monotonic() - began < self.config.transaction_timeout * 0.9:
+                await self._fence(exc)
+            await self._reset()
+            raise RetryableError(f"the transaction outlived transaction_timeout and was"
+                                 f" aborted by the brokers: {_describe(exc)}") from None
+        except (KafkaError, OSError, TimeoutError, AssertionError) as exc:
+            # AssertionError: aiokafka's transaction state machine refusing a step on a
+            # producer that failed underneath; a fresh producer starts clean.
+            _consume([*futures, (None, cursor_sent)])
+            if self._uncertain is None:
+                await self._abort(producer)
+            await self._reset()
+            raise RetryableError(f"Kafka transaction aborted: {_describe(exc)}") from None
+
+    async def _abort(self, producer: Any) -> None:
+        """Best effort: a transaction left open is aborted by the next producer's start."""
+        try:
+            with anyio.move_on_after(self.config.request_timeout):
+                await producer.abort_transaction()
+        except (KafkaError, OSError, AssertionError) as exc:
+            log.debug("abort failed; the next producer aborts it", error=_describe(exc))
+
+    async def _committed_already(self) -> bool:
+        """After a commit whose outcome is unknown: did it land? (Read once the new
+        producer's start has settled it.)"""
+        token, self._uncertain = self._uncertain, None
+        try:
+            record = await self._read_cursor()
+        except SinkError as exc:
+            self._uncertain = token
+            raise RetryableError(str(exc)) from None
+        if record is not None and record.token == token:
+            log.info("the last transaction did commit before the failure: not sent again",
+                     sink=self.name, seq=record.seq)
+            return True
+        return False
+
+    async def _fence(self, exc: BaseException) -> None:
+        self._fenced = (f"fenced: a newer producer with transactional id"
+                        f" {self.transactional_id} exists ({_describe(exc)})")
+        await self._reset()
+        raise SinkFencedError(self._fenced) from None
 
     async def _missing(self, topics: set[str]) -> set[str]:
         """The topics of a batch that do not exist (after creating them where configured)."""
@@ -365,11 +595,23 @@ class KafkaSink:
         return [CheckResult(f"sink {self.name}", target, True, "connected, metadata fetched")]
 
 
-async def _quiet_stop(producer: Any) -> None:
+async def _quiet_stop(producer: Any, timeout: float = 30.0) -> None:
     try:
-        await producer.stop()
+        with anyio.move_on_after(timeout):
+            await producer.stop()
     except (KafkaError, OSError) as exc:
         log.debug("producer stop failed", error=_describe(exc))
+
+
+def _consume(futures: list[tuple[Any, Any]]) -> None:
+    """Cancel what is pending, read what failed: no "exception never retrieved" warnings."""
+    for _, future in futures:
+        if future is None:
+            continue
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from relay.sinks.base import DeliveryResult
 log = get_logger("relay.sink")
 
 Deliver = Callable[[list[StoredEvent], anyio.Event], Awaitable[DeliveryResult | None]]
+Hook = Callable[[], Awaitable[None]]
 Observe = Callable[[list[StoredEvent], DeliveryResult], None]
 
 
@@ -27,14 +28,28 @@ class OperatorRequests:
         self.journal = journal
         self.batch_size = batch_size
 
-    async def apply_rewinds(self, cursor: int) -> int:
-        """``relay replay``: move the cursor back; never forward (SPEC §4 e)."""
+    async def apply_rewinds(self, cursor: int, before_rewind: Hook | None = None, *,
+                            repeats: bool = False) -> int:
+        """``relay replay``: move the cursor back; never forward (SPEC §4 e).
+
+        ``before_rewind`` runs before the journal's cursor moves (the runner's replay
+        mark); ``repeats``: the sink delivers exactly once otherwise, so say loudly
+        that this repeats what the destination holds.
+        """
         for action, arg in await self.journal.take_control(self.sink):
             if action == "replay":
+                if before_rewind is not None:
+                    await before_rewind()
                 # Only ever back (the journal keeps the smaller cursor, and so does this).
                 cursor = min(cursor, await self.journal.rewind_sink(self.sink, int(arg)))
-                log.info("replaying from the journal", sink=self.sink, since_ms=int(arg),
-                         from_seq=cursor + 1)
+                if repeats:
+                    log.warning("replaying from the journal: a deliberate repeat; consumers"
+                                " see these events again (exactly-once delivery does not"
+                                " hide a replay)", sink=self.sink, since_ms=int(arg),
+                                from_seq=cursor + 1)
+                else:
+                    log.info("replaying from the journal", sink=self.sink, since_ms=int(arg),
+                             from_seq=cursor + 1)
         return cursor
 
     async def replay_dead_letters(self, deliver: Deliver, observe: Observe,

@@ -2,7 +2,16 @@
 
 Each sink runs independently with its own cursor, so a dead webhook never
 slows Kafka and no sink ever slows polling. The cursor moves only after the
-sink returned, so a crash repeats at most the batch in flight.
+sink returned, so a crash repeats at most the batch in flight — unless the
+destination records its own position with the data (``commits_position``):
+then, at start, its position wins over the journal's cursor when it is ahead,
+and a crash repeats nothing.
+
+A ``relay replay`` is a deliberate repeat, also for such a sink. Between the
+rewind and the next delivery the destination's position is still the old,
+later one, so the runner keeps a replay mark in the journal (written before
+the rewind, cleared after the next delivery): while it is set, a restart
+trusts the journal's (rewound) cursor instead.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,12 +30,15 @@ from relay.backoff import Backoff
 from relay.journal import JournalError, SinkJournal, StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import (
+    Advance,
     DeliveryResult,
     RetryableError,
     Sink,
     SinkConfig,
     SinkError,
+    SinkFencedError,
     SinkPausedError,
+    SinkPosition,
 )
 from relay.sinks.requests import OperatorRequests
 
@@ -36,13 +48,19 @@ REQUEST_POLL_INTERVAL = 1.0  # how often a running sink looks for CLI requests
 PENDING_COUNT_INTERVAL = 1.0  # how often the exact backlog is counted for the gauge
 
 
+def replay_mark_key(sink: str) -> str:
+    """The journal cursor holding a sink's replay mark ('@': no source name starts so)."""
+    return f"@sink:{sink}:replay"
+
+
 @dataclass
 class SinkHealth:
     connected: bool = False  # started, and the last delivery attempt (if any) succeeded
     paused: str | None = None
     cursor: int = 0
     last_error: str = ""
-    # starting → idle (nothing delivered yet) → delivering; retrying, breaker_open, paused
+    # starting → idle (nothing delivered yet) → delivering; retrying, breaker_open, paused;
+    # fenced (another writer took the destination over: this relay delivers no more)
     state: str = "starting"
     delivered: bool = False
 
@@ -56,6 +74,11 @@ class SinkRunner:
         self._backoff = Backoff(config.retry_backoff, config.retry_backoff_max)
         self._requests = OperatorRequests(sink.name, journal, config.batch_size)
         self._pending_counted_at = -float("inf")
+        self._position: SinkPosition | None = None
+        self._journal_id = 0
+        self._replay_marked = False
+        self._settled: set[int] = set()  # seqs of the batch in flight already dead-lettered
+        self._stopping = anyio.Event()
 
     @property
     def name(self) -> str:
@@ -63,6 +86,7 @@ class SinkRunner:
 
     async def run(self, stopping: anyio.Event) -> None:
         metrics.init_sink(self.name)
+        self._stopping = stopping
         if not await self._start(stopping):
             return
         try:
@@ -79,6 +103,11 @@ class SinkRunner:
         while not stopping.is_set():
             try:
                 await self.sink.start()
+                if self.sink.commits_position:
+                    self._position = await self.sink.position()
+            except SinkFencedError as exc:
+                self._fenced(exc)
+                return False
             except SinkError as exc:
                 delay = self._backoff.next()
                 log.error("sink cannot start; retrying", sink=self.name, error=str(exc),
@@ -94,7 +123,8 @@ class SinkRunner:
         return False
 
     async def _loop(self, stopping: anyio.Event) -> None:
-        cursor = await self.journal.sink_cursor(self.name)
+        self._journal_id = await self.journal.journal_id()
+        cursor = await self._resume(await self.journal.sink_cursor(self.name))
         self.health.cursor = cursor
         sink_filter = self.config.filter
         filtering = not sink_filter.is_empty()
@@ -115,27 +145,99 @@ class SinkRunner:
             if len(selected) != len(rows):
                 metrics.SINK_FILTERED.labels(self.name).inc(len(rows) - len(selected))
             if selected:
-                result = await self._deliver(selected, stopping)
+                advance = Advance(rows[-1].seq, self._journal_id, self._settle)
+                result = await self._deliver(selected, stopping, advance)
                 if result is None:
                     return
                 if not await self._dead_letter(result, stopping):
                     return
+                self._settled.clear()
                 self._observe(selected, result)
             cursor = rows[-1].seq
             if not await self._journal_write(
                     "cursor", partial(self.journal.advance_sink, self.name, cursor), stopping):
                 return
             self.health.cursor = cursor
+            if self._replay_marked and selected:
+                # The destination's own position now records the replay: trust it again.
+                await self._journal_write("replay mark", partial(
+                    self.journal.set_cursors, {replay_mark_key(self.name): ""}), stopping)
+                self._replay_marked = False
+
+    async def _resume(self, cursor: int) -> int:
+        """Where to start: the journal's cursor, or the destination's position when ahead."""
+        position = self._position
+        if position is None:
+            return cursor
+        key = replay_mark_key(self.name)
+        if (await self.journal.get_cursors(key)).get(key):
+            self._replay_marked = True
+            log.warning("a replay was requested and not delivered yet: resuming from the"
+                        " journal's cursor, not the destination's position (a deliberate"
+                        " repeat)", sink=self.name, cursor=cursor, destination=position.where)
+            return cursor
+        seq = await self._locate(position)
+        if seq is None or seq <= cursor:
+            return cursor
+        high = await self.journal.max_seq()
+        if seq > high:
+            log.error("the destination records a position this journal never reached;"
+                      " ignoring it (was the journal restored from an older copy?)",
+                      sink=self.name, destination=position.where, position=seq,
+                      journal_max_seq=high)
+            return cursor
+        log.info("the destination already holds events past the journal's cursor (the"
+                 " relay stopped between the two): resuming after them, nothing repeats",
+                 sink=self.name, destination=position.where, journal_cursor=cursor,
+                 position=seq, skipped=seq - cursor)
+        if not await self._journal_write(
+                "cursor", partial(self.journal.advance_sink, self.name, seq), self._stopping):
+            return cursor
+        return seq
+
+    async def _locate(self, position: SinkPosition) -> int | None:
+        """The journal seq a destination's position stands for, or None if unknown here."""
+        if position.seq is not None:
+            if position.journal is not None and position.journal != self._journal_id:
+                log.warning("the destination's position was recorded by another journal;"
+                            " resuming from this journal's cursor", sink=self.name,
+                            destination=position.where)
+                return None
+            return position.seq
+        if position.event_id is None:
+            return None
+        seq = await self.journal.event_seq(position.event_id, position.fetched_at)
+        if seq is None:
+            log.info("the destination's last event is no longer in the journal (compacted or"
+                     " erased); resuming from the journal's cursor", sink=self.name,
+                     destination=position.where, event_id=position.event_id)
+        return seq
+
+    async def _settle(self, refused: Sequence[tuple[StoredEvent, str]]) -> bool:
+        """Dead letters kept before the destination commits its position (see :class:`Advance`)."""
+        fresh = [(e, error) for e, error in refused if e.seq not in self._settled]
+        if not fresh:
+            return True
+        if not await self._dead_letter(DeliveryResult(rejected=fresh), self._stopping):
+            return False
+        self._settled.update(e.seq for e, _ in fresh)
+        return True
+
+    async def _mark_replay(self) -> None:
+        if self.sink.commits_position and not self._replay_marked:
+            await self.journal.set_cursors({replay_mark_key(self.name): "1"})
+            self._replay_marked = True
 
     async def _serve_requests(self, cursor: int, stopping: anyio.Event) -> int:
         """Operators' requests (``relay replay``, ``relay dlq replay``): see :mod:`.requests`."""
-        cursor = await self._requests.apply_rewinds(cursor)
+        cursor = await self._requests.apply_rewinds(
+            cursor, self._mark_replay, repeats=self.sink.commits_position)
         self.health.cursor = cursor
         await self._requests.replay_dead_letters(self._deliver, self._observe, stopping)
         return cursor
 
-    async def _deliver(self, batch: list[StoredEvent],
-                       stopping: anyio.Event) -> DeliveryResult | None:
+    async def _deliver(self, batch: list[StoredEvent], stopping: anyio.Event,
+                       advance: Advance | None = None) -> DeliveryResult | None:
         """Deliver one batch, retrying what the sink says to retry; None if stopped first.
 
         The only place a sink's delivery is retried: the sink classifies each
@@ -144,9 +246,14 @@ class SinkRunner:
         """
         pending = batch
         rejected: list[tuple[StoredEvent, str]] = []
+        # Re-delivered dead letters move no position; their refusals are settled by the caller.
+        advance = advance or Advance(None, self._journal_id)
         while True:
             try:
-                result = await self.sink.deliver(pending)
+                result = await self.sink.deliver(pending, advance)
+            except SinkFencedError as exc:
+                self._fenced(exc)
+                return None
             except RetryableError as exc:
                 self._note_failure("retry", str(exc), exc.state)
                 delay = self._retry_delay(exc.retry_after)
@@ -237,6 +344,13 @@ class SinkRunner:
                 log.info("journal writable again", sink=self.name, what=what)
             return True
 
+    def _fenced(self, exc: SinkFencedError) -> None:
+        """Retrying cannot help and must not happen: the other writer is the sink now."""
+        self._note_failure("fenced", str(exc), "fenced")
+        log.error("sink fenced: another writer took the destination over (a second relay"
+                  " with this sink, or its lease moved); this relay delivers nothing more to"
+                  " it until restarted", sink=self.name, error=str(exc))
+
     def _note_failure(self, outcome: str, error: str, state: str = "retrying") -> None:
         metrics.SINK_ATTEMPTS.labels(self.name, outcome).inc()
         metrics.SINK_UP.labels(self.name).set(0)
@@ -260,10 +374,11 @@ class SinkRunner:
         metrics.SINK_ATTEMPTS.labels(self.name, "ok").inc()
 
     async def _dead_letter(self, result: DeliveryResult, stopping: anyio.Event) -> bool:
-        if not result.rejected:
+        rejected = [(e, error) for e, error in result.rejected if e.seq not in self._settled]
+        if not rejected:
             return True
         by_error: dict[str, list[StoredEvent]] = {}
-        for event, error in result.rejected:
+        for event, error in rejected:
             by_error.setdefault(error, []).append(event)
         for error, events in by_error.items():
             if not await self._journal_write("dead letters", partial(
@@ -272,7 +387,7 @@ class SinkRunner:
                 return False
             log.error("events refused by the destination: moved to dead letters",
                       sink=self.name, events=len(events), error=error)
-        metrics.SINK_DEAD_LETTERS.labels(self.name).inc(len(result.rejected))
+        metrics.SINK_DEAD_LETTERS.labels(self.name).inc(len(rejected))
         metrics.SINK_ATTEMPTS.labels(self.name, "dead_letter").inc()
         return True
 

@@ -46,7 +46,14 @@ from relay.config_base import Duration, HttpUrl
 from relay.journal import StoredEvent
 from relay.logs import get_logger
 from relay.remote import describe, display_url, fetch, local_failure, retry_after
-from relay.sinks.base import DeliveryResult, RetryableError, SinkConfig, SinkPausedError
+from relay.sinks.base import (
+    Advance,
+    DeliveryResult,
+    RetryableError,
+    SinkConfig,
+    SinkPausedError,
+    SinkPosition,
+)
 
 log = get_logger("relay.sink.webhook")
 
@@ -160,6 +167,10 @@ class _Outcome(StrEnum):
 
 
 class WebhookSink:
+    #: A receiver keeps no position the relay could read back: at-least-once, and
+    #: receivers dedup on ``webhook-id`` / the event ids.
+    commits_position = False
+
     def __init__(self, name: str, config: WebhookSinkConfig) -> None:
         self.name = name
         self.config = config
@@ -185,7 +196,11 @@ class WebhookSink:
             await self._client.aclose()
             self._client = None
 
-    async def deliver(self, events: Sequence[StoredEvent]) -> DeliveryResult:
+    async def position(self) -> SinkPosition | None:
+        return None
+
+    async def deliver(self, events: Sequence[StoredEvent],
+                      advance: Advance | None = None) -> DeliveryResult:
         await self.start()
         wait = self._breaker.remaining()
         if wait > 0:
