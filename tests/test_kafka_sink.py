@@ -172,3 +172,32 @@ def test_an_oversized_event_is_dead_lettered_not_retried_forever(
     assert len(records) == 20
     assert [d["event_id"] for d in letters] == [f"rc:{big['msgUID']}"]
     assert "TooLarge" in str(letters[0]["error"])
+
+
+def test_exactly_once_commits_each_batch_with_its_cursor(
+        tmp_path: Path, kafka_broker: KafkaBroker, kafka_topic: str) -> None:
+    """Transactions: read_committed sees every event once; the cursor record says where."""
+    emulator = RongCloudEmulator("test-key", "test-secret", batch_size=50, budget=None, seed=31)
+    keys = emulator.generate(1500)
+    with serving(emulator) as (_loop, server):
+        config = write_config(
+            tmp_path,
+            sources={"rc": rongcloud_source(server.urls, requests_per_second=100)},
+            sinks={"bus": kafka_sink(kafka_broker.bootstrap, kafka_topic, batch_size=200,
+                                     exactly_once=True)},
+        )
+        relay = RelayProcess(config, tmp_path / "relay.log").start()
+        try:
+            records = consume(kafka_broker.bootstrap, kafka_topic, len(keys), timeout=60,
+                              isolation_level="read_committed")
+        finally:
+            relay.stop()
+    ids = [r.headers["id"].decode() for r in records]
+    assert len(ids) == len(set(ids)) == len(keys)
+    cursor = consume(kafka_broker.bootstrap, "im-relay.bus.cursor", 1, timeout=30,
+                     done=lambda got: bool(got), isolation_level="read_committed")
+    assert cursor
+    assert {(r.key, r.partition) for r in cursor} == {(b"bus", 0)}
+    last = orjson.loads(cursor[-1].value)
+    assert last["seq"] >= len(keys)
+    assert last["journal"]

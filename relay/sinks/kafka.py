@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import anyio
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.codec import has_lz4, has_snappy, has_zstd
 from aiokafka.errors import (
     InvalidMessageError,
@@ -70,7 +70,7 @@ from relay.sinks.base import (
     SinkPausedError,
     SinkPosition,
 )
-from relay.sinks.kafka_cursor import CursorRecord, ensure_cursor_topic, read_cursor
+from relay.sinks.kafka_cursor import CursorRecord, ensure_cursor_topic, new_topic, read_cursor
 
 log = get_logger("relay.sink.kafka")
 
@@ -567,8 +567,8 @@ class KafkaSink:
         try:
             await admin.start()
             response = await admin.create_topics(
-                [NewTopic(name=t, num_partitions=c.create_topic_partitions,
-                          replication_factor=c.create_topic_replication) for t in topics],
+                [new_topic(t, c.create_topic_partitions, c.create_topic_replication)
+                 for t in topics],
                 timeout_ms=int(c.request_timeout * 1000))
             for entry in response.topic_errors:
                 name, code = entry[0], int(entry[1])

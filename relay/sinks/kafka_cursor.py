@@ -52,6 +52,15 @@ class CursorRecord:
             return None
 
 
+def new_topic(name: str, partitions: int, replication: int,
+              configs: dict[str, str] | None = None) -> NewTopic:
+    """A topic to create; -1 takes the brokers' default (aiokafka then wants an explicit,
+    empty replica assignment, or it refuses the -1)."""
+    assignments: dict[int, list[int]] | None = {} if -1 in (partitions, replication) else None
+    return NewTopic(name=name, num_partitions=partitions, replication_factor=replication,
+                    replica_assignments=assignments, topic_configs=configs or {})
+
+
 async def ensure_cursor_topic(connection: dict[str, Any], topic: str, *, replication: int,
                               timeout: float) -> None:
     """Create the cursor topic (one partition, compacted) if the brokers do not have it.
@@ -65,8 +74,7 @@ async def ensure_cursor_topic(connection: dict[str, Any], topic: str, *, replica
         if topic in await admin.list_topics():
             return
         response = await admin.create_topics(
-            [NewTopic(name=topic, num_partitions=1, replication_factor=replication,
-                      topic_configs={"cleanup.policy": "compact"})],
+            [new_topic(topic, 1, replication, {"cleanup.policy": "compact"})],
             timeout_ms=int(timeout * 1000))
         for entry in response.topic_errors:
             code = int(entry[1])
