@@ -6,7 +6,11 @@ webhook receiver flaps (5xx, hanging, refusing) and the WuKongIM server
 "restarts" (forgetting acks in progress, so it redelivers). Afterwards every
 sink must hold every message — for RongCloud, whose queries consume what they
 return, beyond the answers in flight at the kills, which the emulator names —
-and duplicates are counted and reported. Bounded: fixed counts, deadlines.
+and duplicates are counted and reported. The sinks that record their own
+position hold no duplicate at all: the file sink, and an ``exactly_once``
+Kafka sink read with ``read_committed`` (read uncommitted, the same topic
+shows the aborted transactions' records: transactions are really used).
+Bounded: fixed counts, deadlines.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from relay.emulators.wukongim import WuKongIMEmulator
 from tests.support.configs import file_sink, write_config
 from tests.support.emulators import serving
 from tests.support.kafka_broker import KafkaBroker
-from tests.support.kafka_read import consume
+from tests.support.kafka_read import consume, freeze_in_transaction
 from tests.support.relay_process import RelayProcess, read_events, wait_for
 from tests.support.webhook_receiver import receiving
 
@@ -64,6 +68,7 @@ def test_kill_9_twenty_times_under_every_fault(tmp_path: Path) -> None:
     broker.start()
     events_file = tmp_path / "events.jsonl"
     kill_times: list[float] = []
+    caught_open = False
     started = time.monotonic()
     try:
         with serving(rc) as (rc_loop, rc_server), serving(wk) as (_w, wk_server), \
@@ -86,6 +91,9 @@ def test_kill_9_twenty_times_under_every_fault(tmp_path: Path) -> None:
                     "bus": {"type": "kafka", "bootstrap_servers": broker.bootstrap,
                             "topic": "chaos", "request_timeout": "5s",
                             "retry_backoff_max": "2s"},
+                    "once": {"type": "kafka", "bootstrap_servers": broker.bootstrap,
+                             "topic": "chaos-once", "exactly_once": True,
+                             "request_timeout": "5s", "retry_backoff_max": "2s"},
                     "hook": {"type": "webhook", "url": hook_url, "secret": SECRET,
                              "batch_size": 200, "timeout": "2s", "retry_backoff": "100ms",
                              "retry_backoff_max": "1s", "breaker_open": "2s"},
@@ -95,6 +103,11 @@ def test_kill_9_twenty_times_under_every_fault(tmp_path: Path) -> None:
             relay = RelayProcess(config, tmp_path / "relay.log").start()
             for kill in range(KILLS):
                 time.sleep(rng.uniform(0.5, 3.0))  # a random instant: the point of chaos
+                if kill in (12, 15) and not caught_open:
+                    # And once at the instant that matters to transactions: records written,
+                    # not committed (random kills hit it only now and then).
+                    caught_open = freeze_in_transaction(broker.bootstrap, "chaos-once",
+                                                        relay.pid, timeout=20)
                 relay.kill9()
                 kill_times.append(time.monotonic())
                 if kill == 4:
@@ -129,7 +142,7 @@ def test_kill_9_twenty_times_under_every_fault(tmp_path: Path) -> None:
                 wait_for(lambda: {key_of(e) for e in receiver.delivered_events()} >=
                          delivered_by_file() - in_flight, timeout=180, interval=1,
                          message="the webhook to catch up")
-                wait_for(lambda: _pending(config) == {"file": 0, "bus": 0, "hook": 0},
+                wait_for(lambda: _pending(config) == {"file": 0, "bus": 0, "hook": 0, "once": 0},
                          timeout=180, interval=1, message="every sink to catch up")
             finally:
                 relay.stop()
@@ -137,6 +150,13 @@ def test_kill_9_twenty_times_under_every_fault(tmp_path: Path) -> None:
             kafka_records = consume(
                 broker.bootstrap, "chaos", 10 * len(expected), timeout=180,
                 done=lambda got: {key_of(orjson.loads(r.value)) for r in got} >= in_file)
+            once_records = consume(
+                broker.bootstrap, "chaos-once", 10 * len(expected), timeout=180,
+                done=lambda got: {key_of(orjson.loads(r.value)) for r in got} >= in_file,
+                isolation_level="read_committed")
+            once_uncommitted = consume(
+                broker.bootstrap, "chaos-once", 10 * len(expected), timeout=120,
+                done=lambda got: len(got) >= len(once_records))
     finally:
         broker.close()
 
@@ -144,13 +164,17 @@ def test_kill_9_twenty_times_under_every_fault(tmp_path: Path) -> None:
     file_keys = Counter(key_of(e) for e in read_events(events_file))
     kafka_keys = Counter(key_of(orjson.loads(r.value)) for r in kafka_records)
     hook_keys = Counter(key_of(e) for e in receiver.delivered_events())
+    once_keys = Counter(key_of(orjson.loads(r.value)) for r in once_records)
+    aborted = len(once_uncommitted) - len(once_records)
     report = [f"chaos: {KILLS} kill -9, {len(expected)} messages, {elapsed:.0f}s;"
               f" RongCloud answers in flight at the kills: {len(in_flight)} messages"]
     # Duplicates come only from batches in flight at a kill (or re-sent after a sink outage):
     # at most one read batch per sink per interruption.
     interruptions = KILLS + 3
-    bounds = {"file": 1000, "kafka": 2000, "webhook": 200}
-    for sink, seen in (("file", file_keys), ("kafka", kafka_keys), ("webhook", hook_keys)):
+    # The file and the exactly-once Kafka sink record their own position: no duplicate.
+    bounds = {"file": 0, "kafka": 2000, "webhook": 200, "kafka exactly-once": 0}
+    for sink, seen in (("file", file_keys), ("kafka", kafka_keys), ("webhook", hook_keys),
+                       ("kafka exactly-once", once_keys)):
         missing = expected - set(seen)
         lost_rc = {k for k in missing if k[0] == "rc"}
         duplicates = sum(n - 1 for n in seen.values())
@@ -161,6 +185,10 @@ def test_kill_9_twenty_times_under_every_fault(tmp_path: Path) -> None:
         assert lost_rc <= in_flight, f"{sink} lost RongCloud messages beyond those in flight"
         assert not (set(seen) - expected), f"{sink} delivered something never sent"
         assert duplicates <= interruptions * bounds[sink], f"{sink}: {duplicates} duplicates"
+    report.append(f"  kafka exactly-once read uncommitted: {len(once_uncommitted)} records,"
+                  f" {aborted} of them from aborted transactions (a kill caught inside an open"
+                  f" transaction: {caught_open})")
+    assert aborted > 0, "no aborted transaction: the exactly-once sink used none"
     print("\n".join(report))
     (Path(os.environ.get("RELAY_CHAOS_REPORT", tmp_path / "chaos-report.txt"))
      .write_text("\n".join(report) + "\n"))

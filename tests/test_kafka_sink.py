@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from relay.emulators.rongcloud import RongCloudEmulator, message_key
 from relay.journal import Routing
 from relay.sinks.kafka import KafkaSinkConfig, topic_for
 from tests.support.configs import file_sink, rongcloud_source, write_config
-from tests.support.emulators import serving
+from tests.support.emulators import refused_port, serving
 from tests.support.kafka_broker import KafkaBroker
 from tests.support.kafka_read import consume
 from tests.support.relay_process import RelayProcess, count_lines, read_events, wait_for
+from tests.test_hostile_records import metric
 
 pytestmark = pytest.mark.kafka
 
@@ -201,3 +205,58 @@ def test_exactly_once_commits_each_batch_with_its_cursor(
     last = orjson.loads(cursor[-1].value)
     assert last["seq"] >= len(keys)
     assert last["journal"]
+
+
+async def _take_over(bootstrap: str, transactional_id: str) -> None:
+    """What a second relay (or a new lease holder) does first: claim the transactional id."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id)
+    await producer.start()
+    await producer.stop()
+
+
+def test_a_fenced_exactly_once_sink_stops_and_says_so(
+        tmp_path: Path, kafka_broker: KafkaBroker, kafka_topic: str) -> None:
+    emulator = RongCloudEmulator("test-key", "test-secret", batch_size=50, budget=None, seed=41)
+    first = emulator.generate(300)
+    port = refused_port()
+    txn = f"{kafka_topic}.txn"
+    with serving(emulator) as (loop, server):
+        config = write_config(
+            tmp_path,
+            sources={"rc": rongcloud_source(server.urls, requests_per_second=100)},
+            sinks={"bus": kafka_sink(kafka_broker.bootstrap, kafka_topic, exactly_once=True,
+                                     transactional_id=txn, cursor_topic=f"{kafka_topic}.c",
+                                     retry_backoff="100ms", retry_backoff_max="200ms")},
+            metrics={"enabled": True, "listen": f"127.0.0.1:{port}"},
+        )
+        relay = RelayProcess(config, tmp_path / "relay.log").start()
+        try:
+            assert len(consume(kafka_broker.bootstrap, kafka_topic, len(first), timeout=60,
+                               isolation_level="read_committed")) == len(first)
+            asyncio.run(_take_over(kafka_broker.bootstrap, txn))
+            more = loop.call(lambda: emulator.generate(100))
+            wait_for(lambda: any("sink fenced" in r.get("event", "")
+                                 for r in relay.log_records()), timeout=60)
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
+            sink_up = metric(port, "relay_sink_up", sink="bus")
+            attempts_at_fence = metric(port, "relay_sink_attempts_total", sink="bus")
+            # Polling goes on: the journal takes what the fenced sink no longer delivers,
+            # and the sink does not try again (retrying blindly would fence-fight).
+            more += loop.call(lambda: emulator.generate(100))
+            wait_for(lambda: not any(emulator.snapshot()["queued"].values()), timeout=30)
+            attempts_later = metric(port, "relay_sink_attempts_total", sink="bus")
+            assert relay.running()
+        finally:
+            relay.stop()
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["sink bus"].startswith("fenced")
+    assert next(s for s in stats["sinks"] if s["sink"] == "bus")["state"] == "fenced"
+    assert sink_up == 0
+    errors = [r for r in relay.log_records() if "sink fenced" in r.get("event", "")]
+    assert len(errors) == 1
+    assert errors[0]["level"] == "error"
+    assert attempts_later == attempts_at_fence
+    records = consume(kafka_broker.bootstrap, kafka_topic, len(first) + len(more), timeout=10,
+                      isolation_level="read_committed")
+    assert len(records) == len(first), "the fenced relay wrote nothing more"

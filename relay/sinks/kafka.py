@@ -251,16 +251,16 @@ class KafkaSink:
                                     if c.sasl_password is not None else None),
         }
 
-    def _new_producer(self) -> Any:
+    def _new_producer(self, *, transactional: bool = True) -> Any:
         c = self.config
-        transactional: dict[str, Any] = {}
-        if c.exactly_once:
-            transactional = {"transactional_id": self.transactional_id,
-                             "transaction_timeout_ms": int(c.transaction_timeout * 1000)}
+        settings: dict[str, Any] = {}
+        if c.exactly_once and transactional:
+            settings = {"transactional_id": self.transactional_id,
+                        "transaction_timeout_ms": int(c.transaction_timeout * 1000)}
         return AIOKafkaProducer(
             acks="all",
             enable_idempotence=True,
-            **transactional,
+            **settings,
             compression_type=None if c.compression == "none" else c.compression,
             linger_ms=int(c.linger * 1000),
             max_batch_size=c.max_batch_bytes,
@@ -584,14 +584,18 @@ class KafkaSink:
         await self._reset()
 
     async def check(self) -> list[CheckResult]:
+        """Connect and fetch metadata with a plain producer: never the transactional id,
+        whose first use would fence a relay running with it, and no topic is created."""
         target = str(self.config.bootstrap_servers)
+        producer = self._new_producer(transactional=False)
         try:
             with anyio.fail_after(self.config.request_timeout + 5):
-                await self.start()
-        except (SinkError, TimeoutError) as exc:
-            return [CheckResult(f"sink {self.name}", target, False, str(exc) or "timed out")]
+                await producer.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            return [CheckResult(f"sink {self.name}", target, False,
+                                f"cannot connect to Kafka: {_describe(exc)}")]
         finally:
-            await self._reset()
+            await _quiet_stop(producer, self.config.request_timeout)
         return [CheckResult(f"sink {self.name}", target, True, "connected, metadata fetched")]
 
 

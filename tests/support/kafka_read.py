@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,3 +61,47 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
     """Everything on ``topic`` (all partitions, from the start) until ``expected`` records,
     or until ``done(records)`` holds once the topic has nothing more to give, or timeout."""
     return asyncio.run(_consume(bootstrap, topic, expected, timeout, done, **client))
+
+
+async def _transaction_open(committed: AIOKafkaConsumer, everything: AIOKafkaConsumer,
+                            partitions: list[TopicPartition]) -> bool:
+    """Records past the last stable offset: a transaction wrote them and has not ended."""
+    stable = await committed.end_offsets(partitions)
+    high = await everything.end_offsets(partitions)
+    return any(high[tp] > stable[tp] for tp in partitions)
+
+
+async def _freeze_in_transaction(bootstrap: str, topic: str, pid: int, timeout: float) -> bool:
+    committed = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    everything = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await committed.start()
+    await everything.start()
+    try:
+        deadline = time.monotonic() + timeout
+        found: set[int] | None = None
+        while found is None and time.monotonic() < deadline:
+            found = committed.partitions_for_topic(topic)
+            if found is None:
+                await committed._client.force_metadata_update()
+                await asyncio.sleep(0.1)
+        partitions = [TopicPartition(topic, p) for p in sorted(found or ())]
+        while partitions and time.monotonic() < deadline:
+            if await _transaction_open(committed, everything, partitions):
+                os.kill(pid, signal.SIGSTOP)
+                # A commit already on its way would finish meanwhile; one still open stays.
+                await asyncio.sleep(0.5)
+                if await _transaction_open(committed, everything, partitions):
+                    return True
+                os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(0.002)
+        return False
+    finally:
+        await committed.stop()
+        await everything.stop()
+
+
+def freeze_in_transaction(bootstrap: str, topic: str, pid: int, timeout: float = 30.0) -> bool:
+    """Stop (SIGSTOP) the producing process while one of its transactions on ``topic`` is
+    open with records written, so that the kill that follows leaves it to be aborted.
+    False if no open transaction was caught within ``timeout`` (the process then runs)."""
+    return asyncio.run(_freeze_in_transaction(bootstrap, topic, pid, timeout))
