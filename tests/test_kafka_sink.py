@@ -257,6 +257,7 @@ def test_a_fenced_exactly_once_sink_stops_and_says_so(
     assert len(errors) == 1
     assert errors[0]["level"] == "error"
     assert attempts_later == attempts_at_fence
+    assert "never retrieved" not in relay.log_text()
     records = consume(kafka_broker.bootstrap, kafka_topic, len(first) + len(more), timeout=10,
                       isolation_level="read_committed")
     assert len(records) == len(first), "the fenced relay wrote nothing more"

@@ -599,7 +599,22 @@ class KafkaSink:
         return [CheckResult(f"sink {self.name}", target, True, "connected, metadata fetched")]
 
 
+def _retrieve_failures(producer: Any) -> None:
+    """Read the failures aiokafka leaves in futures nobody awaits once a producer is dropped
+    (a failed transaction's waiter, its batches' drain waiters); else asyncio logs each as
+    "exception was never retrieved"."""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    batches = [*(b for queue in getattr(accumulator, "_batches", {}).values() for b in queue),
+               *getattr(accumulator, "_pending_batches", ())]
+    waiters = [getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None),
+               *(getattr(b, "_drain_waiter", None) for b in batches)]
+    for waiter in waiters:
+        if waiter is not None and waiter.done() and not waiter.cancelled():
+            waiter.exception()
+
+
 async def _quiet_stop(producer: Any, timeout: float = 30.0) -> None:
+    _retrieve_failures(producer)
     try:
         with anyio.move_on_after(timeout):
             await producer.stop()
