@@ -215,6 +215,8 @@ def _format_status(stats: JournalStats) -> str:
         for key, value in stats.cursors.items():
             if key.endswith((":evacuation", ":evacuation:drain")):
                 continue  # shown above, as figures
+            if key.startswith("@sink:"):
+                continue  # a sink's replay mark, not a source's cursor
             shown = value
             if key.endswith("_ms") and value.isdigit():
                 shown = f"{_iso(int(value))} ({_ago(int(value))})"
