@@ -144,3 +144,48 @@ def test_erase_names_an_unreadable_archive_instead_of_aborting(tmp_path: Path) -
         gzip.compress(b'{"sender":"u1"}\n' * 100)[:25])
     with pytest.raises(FileEraseError, match="cannot read it whole"):
         erase_user_from_files(path, "u1")
+
+
+def with_time(seq: int, size: int = 0) -> StoredEvent:
+    payload = orjson.dumps({"id": f"rc:{seq}", "fetched_at": 1000 + seq, "pad": "p" * size})
+    return StoredEvent(seq, f"rc:{seq}", 1000 + seq, stored(seq).routing_json, payload)
+
+
+async def test_the_position_is_the_last_whole_line(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    # A last line longer than the blocks the file is read back in, then a torn one.
+    path.write_bytes(with_time(1).payload + b"\n" + with_time(2, 200_000).payload + b"\n"
+                     + b'{"id":"rc:3","fetch')
+    sink = FileSink("f", FileSinkConfig(type="file", path=str(path)))
+    await sink.start()
+    position = await sink.position()
+    await sink.close()
+    assert position is not None
+    assert (position.event_id, position.fetched_at) == ("rc:2", 1002)
+    assert sink.commits_position
+
+
+async def test_an_empty_file_takes_the_position_of_the_newest_rotated_one(
+        tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    (tmp_path / "events-20261201T000000000000Z.jsonl").write_bytes(with_time(1).payload + b"\n")
+    (tmp_path / "events-20261202T000000000000Z.jsonl.gz").write_bytes(gzip.compress(
+        with_time(2).payload + b"\n" + with_time(3).payload + b"\n"))
+    path.write_bytes(b"")
+    sink = FileSink("f", FileSinkConfig(type="file", path=str(path), gzip=True))
+    await sink.start()
+    position = await sink.position()
+    await sink.close()
+    assert position is not None
+    assert position.event_id == "rc:3"
+    assert position.where.endswith(".jsonl.gz")
+
+
+async def test_no_file_or_no_event_means_no_position(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = FileSink("f", FileSinkConfig(type="file", path=str(path)))
+    await sink.start()
+    assert await sink.position() is None
+    await sink.deliver([StoredEvent(1, "x", 1, b"[]", b'"not an event"')])
+    assert await sink.position() is None  # read, not trusted: the journal's cursor decides
+    await sink.close()
