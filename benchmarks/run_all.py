@@ -44,8 +44,14 @@ def main() -> None:
         ("journal → Kafka vs bare aiokafka", f"{kafka['relay_events_per_second']:,.0f} vs "
          f"{kafka['bare_aiokafka_events_per_second']:,.0f} events/s = {kafka['ratio']:.2f}",
          "≥ 0.50"),
+        ("journal → Kafka exactly once vs bare aiokafka",
+         f"{kafka['exactly_once_events_per_second']:,.0f} events/s = "
+         f"{kafka['exactly_once_ratio']:.2f}", "≥ 0.60"),
         (f"latency to Kafka ack at {lat['rate']:.0f}/s", f"p50 {lat['p50_ms']:.0f} ms, "
          f"p99 {lat['p99_ms']:.0f} ms ({lat['delivered']} events)", "p99 ≤ 300 ms"),
+        (f"latency exactly once at {lat['rate']:.0f}/s (visible to read_committed)",
+         f"p50 {kafka['latency_exactly_once']['p50_ms']:.0f} ms, "
+         f"p99 {kafka['latency_exactly_once']['p99_ms']:.0f} ms", "p99 ≤ 500 ms"),
         ("RongCloud budget utilisation while draining",
          f"min {budget['utilisation_min']:.3f} over all endpoints and runs", "≥ 0.95"),
         ("over-budget requests", f"{budget['over_budget_total']} of "
