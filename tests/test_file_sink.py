@@ -189,3 +189,57 @@ async def test_no_file_or_no_event_means_no_position(tmp_path: Path) -> None:
     await sink.deliver([StoredEvent(1, "x", 1, b"[]", b'"not an event"')])
     assert await sink.position() is None  # read, not trusted: the journal's cursor decides
     await sink.close()
+
+
+async def _run_to_the_end(tmp_path: Path, last_line: bytes | None,
+                          journal_cursor: int) -> list[str]:
+    """A real SQLite journal of 10 events, a file ending with ``last_line``, the journal's
+    cursor at ``journal_cursor``: the ids the runner appends."""
+    import anyio
+
+    from relay.journal import NewEvent
+    from relay.journal.sqlite import SqliteJournal
+    from relay.sinks.runner import SinkRunner
+
+    journal = SqliteJournal.open(tmp_path / "j.db")
+    try:
+        await journal.commit_batch([NewEvent(f"rc:{n}", 1000 + n, stored(n).routing_json,
+                                             with_time(n).payload, 0) for n in range(1, 11)])
+        await journal.register_sinks(["f"], prune=True)
+        await journal.advance_sink("f", journal_cursor)
+        path = tmp_path / "events.jsonl"
+        path.write_bytes(last_line + b"\n" if last_line else b"")
+        config = FileSinkConfig(type="file", path=str(path))
+        runner = SinkRunner(FileSink("f", config), config, journal)
+        stopping = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run, stopping)
+            with anyio.fail_after(20):  # polled: the runner has no "done" to wait for
+                while True:
+                    if await journal.sink_cursor("f") >= 10:
+                        break
+                    await anyio.sleep(0.02)
+            stopping.set()
+        lines = path.read_bytes().splitlines()[1 if last_line else 0:]
+        return [orjson.loads(line)["id"] for line in lines]
+    finally:
+        await journal.close()
+
+
+async def test_the_file_position_wins_over_the_journal_cursor_only_when_ahead(
+        tmp_path: Path) -> None:
+    ahead = await _run_to_the_end(tmp_path / "a", with_time(7).payload, journal_cursor=4)
+    assert ahead == ["rc:8", "rc:9", "rc:10"], "nothing the file holds is written again"
+    behind = await _run_to_the_end(tmp_path / "b", with_time(2).payload, journal_cursor=4)
+    assert behind == [f"rc:{n}" for n in range(5, 11)], "the journal's cursor never goes back"
+
+
+async def test_a_last_event_the_journal_no_longer_holds_leaves_the_cursor_in_charge(
+        tmp_path: Path) -> None:
+    gone = orjson.dumps({"id": "rc:compacted-long-ago", "fetched_at": 5})
+    assert await _run_to_the_end(tmp_path / "a", gone, journal_cursor=4) == \
+        [f"rc:{n}" for n in range(5, 11)]
+    # The same id, but another copy (accepted again after the dedup window): not it.
+    other_copy = orjson.dumps({"id": "rc:7", "fetched_at": 1})
+    assert await _run_to_the_end(tmp_path / "b", other_copy, journal_cursor=4) == \
+        [f"rc:{n}" for n in range(5, 11)]
