@@ -8,6 +8,8 @@
   ``deploy/prometheus/alerts.yml``; the kustomization ships no Secret (it would
   overwrite the one created out of band); the examples (the Secret's shape, the
   ``relay erase`` Job) validate and fit the StatefulSet.
+- ``Dockerfile``: the ``docker`` commands of its header fit the image (port, volume,
+  config path, a stop timeout above the shutdown grace; erase with the relay stopped).
 - ``deploy/prometheus``: ``promtool check rules / test rules / check config``,
   ``promtool check metrics`` on a running relay's ``/metrics``.
 - ``deploy/grafana``: every query parses (``promtool check rules``) and names only
@@ -37,11 +39,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
+import jsonschema  # type: ignore[import-untyped]  # via kubernetes-validate
 import kubernetes_validate
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML, via kubernetes-validate
 
-from relay.config import RelayConfig, load_config
+from relay.config import RelayConfig, config_json_schema, load_config
 from relay.config_base import parse_duration
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.prometheus_tools import PrometheusToolsUnavailable, ensure_prometheus
@@ -688,6 +691,17 @@ def test_configmap_relay_toml_is_a_valid_relay_config(tmp_path: Path,
     assert config.metrics.listen == "0.0.0.0:9464"
     assert config.journal.max_bytes is not None
     assert config.secret_values() == [secrets["rongcloud_app_secret"]]
+
+
+def test_configmap_relay_toml_matches_the_config_schema() -> None:
+    """What editors and CI validate against (``relay config-schema``) accepts the shipped file."""
+    schema = config_json_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in validator.iter_errors(configmap_toml())]
+    assert not problems, "\n".join(problems)
+    wrong = {**configmap_toml(), "journal": {**configmap_toml()["journal"], "retian": "1d"}}
+    assert not validator.is_valid(wrong), "the schema must refuse an unknown key"
 
 
 def test_monitoring_resources() -> None:
