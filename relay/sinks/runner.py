@@ -178,11 +178,15 @@ class SinkRunner:
                             retrying=len(result.retry), error=result.error,
                             retry_in_seconds=round(delay, 2))
                 pending = sorted(result.retry, key=lambda e: e.seq)
-            # The lag keeps growing while the batch waits: let the gauges show it.
-            await self._report_lag(pending[0])
-            if stopping.is_set():
-                return None
-            await self._sleep(delay, stopping)
+            # The lag keeps growing while the batch waits: the gauges show it every second,
+            # however long the wait (a backoff, an open breaker, a paused sink).
+            until = time.monotonic() + delay
+            while not stopping.is_set():
+                await self._report_lag(pending[0])
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                await self._sleep(min(left, PENDING_COUNT_INTERVAL), stopping)
             if stopping.is_set():
                 return None
 
