@@ -18,7 +18,7 @@ import anyio
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.journal import JournalError, SinkJournal, StoredEvent
+from relay.journal import Fence, JournalError, LeaseLostError, SinkJournal, StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import (
     DeliveryResult,
@@ -56,12 +56,15 @@ class SinkRunner:
         self._backoff = Backoff(config.retry_backoff, config.retry_backoff_max)
         self._requests = OperatorRequests(sink.name, journal, config.batch_size)
         self._pending_counted_at = -float("inf")
+        self._fence: Fence | None = None
 
     @property
     def name(self) -> str:
         return self.sink.name
 
-    async def run(self, stopping: anyio.Event) -> None:
+    async def run(self, stopping: anyio.Event, *, fence: Fence | None = None) -> None:
+        """Deliver until ``stopping``; cursor moves under ``fence`` (the sink's lease)."""
+        self._fence = fence
         metrics.init_sink(self.name)
         if not await self._start(stopping):
             return
@@ -123,7 +126,8 @@ class SinkRunner:
                 self._observe(selected, result)
             cursor = rows[-1].seq
             if not await self._journal_write(
-                    "cursor", partial(self.journal.advance_sink, self.name, cursor), stopping):
+                    "cursor", partial(self.journal.advance_sink, self.name, cursor,
+                                      fence=self._fence), stopping):
                 return
             self.health.cursor = cursor
 
@@ -227,8 +231,8 @@ class SinkRunner:
                 with anyio.CancelScope(shield=True):
                     await write()
             except JournalError as exc:
-                if getattr(exc, "fatal", False):
-                    raise
+                if exc.fatal or isinstance(exc, LeaseLostError):
+                    raise  # the journal is gone, or the sink moved to another relay
                 if not warned:
                     log.error("journal write failed after a delivery; holding the sink and"
                               " retrying", sink=self.name, what=what, error=str(exc))
