@@ -1,6 +1,20 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t im-relay .
-# Run:   docker run --read-only -v relay-data:/var/lib/relay -v ./relay.toml:/etc/relay/relay.toml:ro im-relay
+# Run (read-only root file system, with a /tmp for Python and gzip; /metrics,
+# /healthz, /readyz and /stats published on the host's loopback only; 40 s for
+# the 20 s shutdown_grace, where docker stop would SIGKILL after 10 s):
+#   docker run -d --name im-relay --read-only --tmpfs /tmp -p 127.0.0.1:9464:9464 \
+#     --stop-timeout 40 -v relay-data:/var/lib/relay \
+#     -v ./relay.toml:/etc/relay/relay.toml:ro im-relay
+# Secrets: mount files (e.g. -v ./secrets:/run/secrets/im-relay:ro) and point the
+# *_file keys of relay.toml at them; never pass them as -e variables.
+# Erase a user with the relay stopped (erase rewrites the journal), with the same
+# mounts as the relay (secrets too: it reads the whole configuration), then start it:
+#   docker stop im-relay
+#   docker run --rm --entrypoint relay -v relay-data:/var/lib/relay \
+#     -v ./relay.toml:/etc/relay/relay.toml:ro im-relay erase --user ID
+#   docker start im-relay
+# Other commands the same way: --entrypoint relay ... status | check --offline | dlq list.
 
 FROM python:3.11-slim AS build
 WORKDIR /src

@@ -15,15 +15,17 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from relay import metrics, status
+from relay.cluster import Cluster, Unit, UnitContext
 from relay.config import RelayConfig
 from relay.http_server import OpsServer
-from relay.journal import Journal, JournalError, open_journal
+from relay.journal import Journal, JournalError, LeaseLostError, Leases, open_journal
 from relay.logs import get_logger
 from relay.sdnotify import Notifier
 from relay.sinks import build_sink
@@ -58,6 +60,7 @@ class Relay:
         self.metrics_port: int | None = None
         self._last_limit_warning = 0.0
         self.fatal: JournalError | None = None
+        self.cluster: Cluster | None = None
 
     # -- readiness ---------------------------------------------------------
 
@@ -134,7 +137,6 @@ class Relay:
         assert self.stopping is not None
         assert self.runtime is not None
         stopping = self.stopping
-        runtime = self.runtime
         # The signal watcher outlives everything (a second signal must still be heard
         # while workers drain); workers (sources, sinks) outlive the control tasks.
         async with anyio.create_task_group() as outer:
@@ -147,12 +149,10 @@ class Relay:
                     watchdog = self.notifier.watchdog_interval()
                     if watchdog is not None:
                         control.start_soon(self._watchdog, watchdog)
-                    for source in self.sources:
-                        workers.start_soon(self._supervise, f"source {source.name}",
-                                           lambda s=source: s.run(runtime))
-                    for runner in self.runners:
-                        workers.start_soon(self._supervise, f"sink {runner.name}",
-                                           lambda r=runner: r.run(stopping))
+                    self.cluster = Cluster(
+                        self.journal_leases(), self._units(), ttl=self.config.cluster.lease_ttl,
+                        tick=self._tick(), member=self.config.cluster.member)
+                    workers.start_soon(self.cluster.run, workers, stopping, self._supervise)
                     log.info("relay started", sources=[s.name for s in self.sources],
                              sinks=[r.name for r in self.runners],
                              journal=self.config.journal.describe(),
@@ -166,6 +166,39 @@ class Relay:
                     await stopping.wait()
                     control.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+
+    def _tick(self) -> float:
+        """How often leases are renewed: a fifth of their TTL, at most a second (the
+        embedded journal's heartbeat is a file write: five times a second)."""
+        if self.config.journal.type == "sqlite":
+            return 0.2
+        return min(1.0, self.config.cluster.lease_ttl / 5)
+
+    def journal_leases(self) -> Leases:
+        assert self.journal is not None
+        return self.journal
+
+    def _units(self) -> list[Unit]:
+        """Every unit of work, each to be run under its own lease."""
+        assert self.runtime is not None
+        base = self.runtime
+        units = []
+        for source in self.sources:
+            for key in source.units():
+                async def run_source(ctx: UnitContext, source: Source = source,
+                                     key: str = key) -> None:
+                    await source.run(replace(
+                        base, stopping=ctx.stopping, unit=key, fence=ctx.fence,
+                        lease=ctx.lease, previous_end_ago=ctx.previous_end_ago))
+
+                units.append(Unit(f"source:{source.name}" + (f":{key}" if key else ""),
+                                  run_source))
+        for runner in self.runners:
+            async def run_sink(ctx: UnitContext, runner: SinkRunner = runner) -> None:
+                await runner.run(ctx.stopping, fence=ctx.fence)
+
+            units.append(Unit(f"sink:{runner.name}", run_sink))
+        return units
 
     def request_stop(self) -> None:
         if self.stopping is not None and not self.stopping.is_set():
@@ -189,6 +222,12 @@ class Relay:
         while not self.stopping.is_set():
             try:
                 await start()
+                return
+            except LeaseLostError as exc:
+                # The unit moved to another relay: it ends here, the new holder goes on. What
+                # it held unwritten is dropped (fenced); for RongCloud that batch is lost.
+                log.warning("a write was refused: the unit moved to another relay",
+                            component=what, error=str(exc))
                 return
             except JournalError as exc:
                 if exc.fatal:

@@ -35,6 +35,8 @@ from relay.journal import (
     JournalLockedError,
     JournalStats,
     JournalUnusableError,
+    Lease,
+    Member,
     check_journal,
     open_journal,
 )
@@ -231,15 +233,16 @@ def status(config_file: str | None, as_json: bool) -> None:
     """Journal depth, source cursors and the lag of every sink."""
     view = _admin_view(config_file)
 
-    async def read() -> JournalStats:
+    async def read() -> tuple[JournalStats, list[Member], list[Lease]]:
         journal = await open_journal(view.journal, mode="status")
         try:
-            return await journal.stats()
+            return (await journal.stats(), await journal.members(view.cluster.lease_ttl),
+                    await journal.leases())
         finally:
             await journal.close()
 
     try:
-        stats = anyio.run(read)
+        stats, members, leases = anyio.run(read)
     except JournalError as exc:
         fail(str(exc), 1)
     live = _live_figures(view)
@@ -248,11 +251,29 @@ def status(config_file: str | None, as_json: bool) -> None:
 
         from relay.progress import status_entries
 
-        click.echo(json.dumps({**asdict(stats), "evacuations": [
-            f.to_json() for f in status_entries(stats.cursors)], "running": live}, indent=2))
+        click.echo(json.dumps({
+            **asdict(stats), "evacuations": [f.to_json() for f in status_entries(stats.cursors)],
+            "members": [asdict(m) for m in members],
+            "leases": [{**asdict(lease), "expires_in": lease.expires_in
+                        if lease.expires_in != float("inf") else None} for lease in leases],
+            "running": live}, indent=2))
     else:
         click.echo(_format_status(stats))
+        if members or leases:
+            click.echo(_format_cluster(members, leases))
         click.echo(_format_live(live))
+
+
+def _format_cluster(members: list[Member], leases: list[Lease]) -> str:
+    lines = ["", f"cluster     {len(members)} member(s)"]
+    for m in members:
+        lines.append(f"  {m.member:<40} {m.description}, seen {m.seen_ago:.1f}s ago")
+    lines.append(f"{'lease':<36} {'holder':<32} {'epoch':>6}  expires")
+    for lease in leases:
+        expiry = "-" if lease.holder is None else \
+            ("expired" if lease.expires_in < 0 else f"in {lease.expires_in:.1f}s")
+        lines.append(f"{lease.unit:<36} {lease.holder or '(free)':<32} {lease.epoch:>6}  {expiry}")
+    return "\n".join(lines)
 
 
 def _live_figures(view: AdminView) -> dict[str, Any] | None:

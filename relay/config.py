@@ -139,6 +139,17 @@ def redacted_dsn(dsn: str) -> str:
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
+class ClusterConfig(BaseModel):
+    """``[cluster]``: leases among the relays sharing a journal (SPEC §9)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # How long a lease lasts without renewal: a dead relay's units are taken over
+    # within it (plus a second). Renewed every tick, a fifth of it (at most a second).
+    lease_ttl: Duration = Field(default=10.0, ge=4.0, le=300.0)
+    member: str | None = Field(default=None, min_length=1, max_length=200)
+
+
 class MetricsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -174,6 +185,7 @@ class RelayConfig(BaseSettings):
     )
 
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     shutdown_grace: Duration = 20.0
@@ -297,6 +309,7 @@ class AdminView(BaseModel):
     journal: JournalConfig
     sinks: list[str]
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @property
     def journal_path(self) -> str:
@@ -313,7 +326,7 @@ def load_admin_view(path: str | os.PathLike[str] | None) -> AdminView:
     try:
         config = load_config(path, require_components=False)
         return AdminView(journal=config.journal, sinks=list(config.sinks),
-                         metrics=config.metrics)
+                         metrics=config.metrics, cluster=config.cluster)
     except ConfigError as exc:
         first_error = exc
     file = config_path(str(path) if path is not None else None)

@@ -8,6 +8,7 @@ journal and ``events.jsonl``.
 from __future__ import annotations
 
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from relay.app import Relay
 from relay.config import load_config
 from relay.emulators.leancloud import LeanCloudEmulator
 from relay.emulators.rongcloud import RongCloudEmulator
-from relay.emulators.wukongim import WuKongIMEmulator
+from relay.emulators.wukongim import ServerQuirks, WuKongIMEmulator
 from relay.logs import configure_logging, register_secrets
 from relay.private_files import make_private_dirs
 
@@ -30,7 +31,7 @@ shutdown_grace = "10s"
 path = "{dir}/relay.db"
 
 [metrics]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{metrics_port}"
 
 [sources.rongcloud]
 type = "rongcloud"
@@ -93,6 +94,14 @@ async def _progress(events: Path, relay: Relay) -> None:
             last = count
 
 
+def _free_port() -> int:
+    """A loopback port for the demo's metrics, written into its relay.toml: `relay top
+    --config var/demo/relay.toml` and `relay status` then find the running demo."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def run_demo(directory: Path, rate: float) -> None:
     make_private_dirs(directory)
     configure_logging("info", "auto")
@@ -104,7 +113,11 @@ def run_demo(directory: Path, rate: float) -> None:
     async def main() -> None:
         rongcloud = RongCloudEmulator("demo-app-key", app_secret, redelivery_ratio=0.02,
                                       batch_size=50)
-        wukongim = WuKongIMEmulator(wk_token, uids=("u1", "u2"), channels=(("g1", 2),))
+        # The real server's behaviours (WUKONGIM-SERVER.md), its one-minute window of acks
+        # that do nothing shortened so that the demo's acknowledgements show soon.
+        wukongim = WuKongIMEmulator(
+            wk_token, uids=("u1", "u2"), channels=(("g1", 2),),
+            quirks=ServerQuirks.real().updated({"conversation_persist_seconds": 5.0}))
         leancloud = LeanCloudEmulator("demo-app-id", lc_key)
         servers = [rongcloud.make_server("127.0.0.1", [0, 0]),  # a primary and a backup domain
                    wukongim.make_server("127.0.0.1", [0]),
@@ -124,7 +137,7 @@ def run_demo(directory: Path, rate: float) -> None:
             dir=directory.as_posix(), app_key="demo-app-key", app_secret=app_secret,
             rc_urls=", ".join(f'"{u}"' for u in servers[0].urls),
             wk_url=servers[1].urls[0], wk_token=wk_token, lc_url=servers[2].urls[0],
-            lc_key=lc_key,
+            lc_key=lc_key, metrics_port=_free_port(),
         ))
         config_file.chmod(0o600)
         relay = Relay(load_config(config_file))

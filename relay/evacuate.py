@@ -443,8 +443,6 @@ class Evacuation:
                 kind, detail = outcomes[conv]
                 if kind == "unverified":
                     verify["unverified"].append({"conversation": conv, "error": detail})
-                elif kind == "missing":
-                    verify["missing"].append({"conversation": conv, "msg_ids": detail})
                 else:
                     verify[kind] += 1
                     verify["extra"] += detail
@@ -465,7 +463,6 @@ class Evacuation:
         (``missing``, msg-ids that could not be journaled) or (``unverified``, error).
         """
         served = 0
-        lost: list[str] = []
         try:
             async for page in api.conversation_history(conv, room=room, before_ms=bound):
                 served += len(page)
@@ -473,21 +470,20 @@ class Evacuation:
                 absent = set(await self._ledger.ledger_missing(
                     self.name, [k for k, _ in keyed if k is not None]))
                 records = [r for k, r in keyed if k is not None and k in absent]
-                if records and not await self._repair(runtime, conv, records, verify):
-                    lost += [str(k[1]) for k, _ in keyed if k is not None and k in absent]
+                if records:
+                    # Journaled like any batch (retried while the journal cannot take it).
+                    await self._repair(runtime, conv, records, verify)
         except ApiError as exc:
             log.error("conversation could not be checked", source=self.name,
                       conversation=conv, error=str(exc))
             return "unverified", str(exc)[:300]
-        if lost:
-            return "missing", lost
         if verify["current"][conv]:
             return "repaired", 0
         extra = tally.count - served if tally is not None and tally.count > served else 0
         return "matching", extra  # extra: gone from LeanCloud since the drain; kept
 
     async def _repair(self, runtime: SourceRuntime, conv: str, records: list[Any],
-                      verify: dict[str, Any]) -> bool:
+                      verify: dict[str, Any]) -> None:
         """Journal what the check found missing, like any batch: it reaches every sink."""
         fetched_at = int(time.time() * 1000)
         events, quarantine = normalize_batch(
@@ -496,16 +492,11 @@ class Evacuation:
         entries = ledger_entries(self.name, records, events, quarantine)
         verify["repaired_messages"] += len(records)
         verify["current"][conv] += len(records)
-        result = await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
-                                      ledger=LedgerBatch(self.name, entries),
-                                      cursors={self.state_key: self._state_json()})
-        if result is None:
-            verify["repaired_messages"] -= len(records)
-            verify["current"][conv] -= len(records)
-            return False
+        await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
+                             ledger=LedgerBatch(self.name, entries),
+                             cursors={self.state_key: self._state_json()})
         log.info("missing messages fetched", source=self.name, count=len(records),
                  conversation=conv)
-        return True
 
     async def _report(self, journal: Journal) -> dict[str, Any]:
         verify = self.control.get("verify") or {}

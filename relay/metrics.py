@@ -259,6 +259,28 @@ SINK_LATENCY = BatchHistogram(
 )
 
 
+# -- cluster -------------------------------------------------------------------
+CLUSTER_MEMBERS = Gauge(
+    "relay_cluster_members", "Relays taking part in the cluster, as this one counts them.",
+    registry=REGISTRY,
+)
+CLUSTER_LEASES_HELD = Gauge(
+    "relay_cluster_leases_held", "Units of work (sources' units, sinks) this relay holds.",
+    registry=REGISTRY,
+)
+CLUSTER_LEASE_MOVES = Counter(
+    "relay_cluster_lease_moves_total",
+    "Leases this relay acquired, released (rebalancing) or lost (taken over).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
+
+def init_cluster() -> None:
+    for outcome in ("acquired", "released", "lost"):
+        CLUSTER_LEASE_MOVES.labels(outcome)
+
+
 class RequestOutcome(StrEnum):
     """How one provider request went: the ``outcome`` label of ``relay_source_requests_total``."""
 

@@ -5,7 +5,11 @@
 - ``deploy/kubernetes``: the Kubernetes JSON schemas (``kubernetes-validate``,
   offline), the ConfigMap's ``relay.toml`` loads as a relay configuration, the
   pieces fit together (ports, paths, secrets, labels), the PrometheusRule equals
-  ``deploy/prometheus/alerts.yml``.
+  ``deploy/prometheus/alerts.yml``; the kustomization ships no Secret (it would
+  overwrite the one created out of band); the examples (the Secret's shape, the
+  ``relay erase`` Job) validate and fit the StatefulSet.
+- ``Dockerfile``: the ``docker`` commands of its header fit the image (port, volume,
+  config path, a stop timeout above the shutdown grace; erase with the relay stopped).
 - ``deploy/prometheus``: ``promtool check rules / test rules / check config``,
   ``promtool check metrics`` on a running relay's ``/metrics``.
 - ``deploy/grafana``: every query parses (``promtool check rules``) and names only
@@ -17,9 +21,11 @@ elsewhere they are skipped with the reason.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -33,11 +39,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
+import jsonschema  # type: ignore[import-untyped]  # via kubernetes-validate
 import kubernetes_validate
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML, via kubernetes-validate
 
-from relay.config import RelayConfig, load_config
+from relay.config import RelayConfig, config_json_schema, load_config
 from relay.config_base import parse_duration
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.prometheus_tools import PrometheusToolsUnavailable, ensure_prometheus
@@ -47,6 +54,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 SYSTEMD_UNIT = DEPLOY / "systemd" / "im-relay.service"
 K8S = DEPLOY / "kubernetes"
+K8S_EXAMPLES = K8S / "examples"
+ERASE_JOB = K8S_EXAMPLES / "erase-job.yaml"
+USER_PLACEHOLDER = "REPLACE-WITH-THE-USER-ID"
 PROM = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "im-relay.json"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -141,15 +151,36 @@ def manifest(kind: str) -> dict[str, Any]:
     return found[0]
 
 
-def relay_container() -> dict[str, Any]:
-    containers = manifest("StatefulSet")["spec"]["template"]["spec"]["containers"]
+def example_manifests() -> list[dict[str, Any]]:
+    """``deploy/kubernetes/examples``: applied by hand, never by the kustomization."""
+    return [doc for path in sorted(K8S_EXAMPLES.glob("*.yaml"))
+            for doc in load_yaml_documents(path)]
+
+
+def example(kind: str) -> dict[str, Any]:
+    found = [doc for doc in example_manifests() if doc["kind"] == kind]
+    assert len(found) == 1, f"expected exactly one example {kind}, found {len(found)}"
+    return found[0]
+
+
+def only_container(pod_template: dict[str, Any]) -> dict[str, Any]:
+    containers = pod_template["spec"]["containers"]
     assert len(containers) == 1
     container: dict[str, Any] = containers[0]
     return container
 
 
+def relay_container() -> dict[str, Any]:
+    return only_container(manifest("StatefulSet")["spec"]["template"])
+
+
 def container_env(container: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+def namespace() -> str:
+    name: str = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    return name
 
 
 def configmap_toml() -> dict[str, Any]:
@@ -300,6 +331,64 @@ def test_relay_honours_the_units_notify_and_watchdog_contract(
     assert seen.index("READY=1") < seen.index("STOPPING=1")
 
 
+# -- the container image ---------------------------------------------------------------
+
+
+def dockerfile_examples() -> list[list[str]]:
+    """The ``docker ...`` commands of the Dockerfile's header comment, split like a shell."""
+    header = []
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.removeprefix("#").strip())
+    joined = "\n".join(header).replace("\\\n", " ")
+    return [shlex.split(line) for line in joined.splitlines() if line.startswith("docker ")]
+
+
+def docker_mounts(command: list[str]) -> dict[str, str]:
+    """Container path -> source of every ``-v SOURCE:TARGET[:ro]``."""
+    found = {}
+    for option, value in itertools.pairwise(command):
+        if option == "-v":
+            source, target = value.split(":")[:2]
+            found[target] = source
+    return found
+
+
+def test_dockerfile_examples_fit_the_image() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    env = dict(re.findall(r"^\s+(RELAY_\w+)=(\S+)", text, re.M))
+    (exposed,) = re.findall(r"^EXPOSE (\d+)$", text, re.M)
+    (volume,) = re.findall(r'^VOLUME \["([^"]+)"\]$', text, re.M)
+    commands = dockerfile_examples()
+    runs = [c for c in commands if c[:2] == ["docker", "run"]]
+    relays = [c for c in runs if "--entrypoint" not in c]
+    erases = [c for c in runs if "--entrypoint" in c]
+    assert len(relays) == 1, f"one example of running the relay: {relays}"
+    assert len(erases) == 1, f"one example of relay erase: {erases}"
+    relay, erase = relays[0], erases[0]
+    # Read-only root file system, with the /tmp Python and gzip need.
+    assert "--read-only" in relay
+    assert relay[relay.index("--tmpfs") + 1] == "/tmp"
+    # Metrics published, on the host's loopback only, to the port the relay listens on.
+    published = relay[relay.index("-p") + 1]
+    assert published == f"127.0.0.1:{exposed}:{exposed}"
+    assert env["RELAY_METRICS__LISTEN"].rpartition(":")[2] == exposed
+    # docker stop must not SIGKILL inside the shutdown grace.
+    assert int(relay[relay.index("--stop-timeout") + 1]) >= DEFAULT_SHUTDOWN_GRACE + 10
+    mounts = docker_mounts(relay)
+    assert Path(env["RELAY_JOURNAL__PATH"]).parent == Path(volume)
+    assert volume in mounts
+    assert env["RELAY_CONFIG_FILE"] in mounts
+    # Erase: the relay stopped first, then relay erase on the same journal and config.
+    assert erase[erase.index("--entrypoint") + 1] == "relay"
+    assert "--rm" in erase
+    assert erase[-3:] == ["erase", "--user", "ID"]
+    assert docker_mounts(erase) == mounts
+    stop = commands.index(["docker", "stop", relay[relay.index("--name") + 1]])
+    assert stop < commands.index(erase)
+
+
 # -- Kubernetes -------------------------------------------------------------------------
 
 
@@ -308,8 +397,47 @@ def test_kustomization_lists_every_manifest() -> None:
     present = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == present
     kinds = {doc["kind"] for doc in all_manifests()}
-    assert kinds == {"Namespace", "ConfigMap", "Secret", "Service", "StatefulSet",
+    assert kinds == {"Namespace", "ConfigMap", "Service", "StatefulSet",
                      "ServiceMonitor", "PrometheusRule"}
+
+
+def test_kustomization_ships_no_secret() -> None:
+    """``kubectl apply -k`` must never overwrite the Secret the operator created out of band.
+
+    Any Secret (or secretGenerator) in the kustomization would replace the real values
+    with whatever the repository holds: placeholders at best.
+    """
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert not kustomization.get("secretGenerator"), "a secretGenerator overwrites the Secret"
+    shipped = [f"{doc['kind']} {doc['metadata']['name']}" for doc in all_manifests()
+               if doc["kind"] == "Secret"]
+    assert not shipped, f"the kustomization applies {shipped}"
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        result = run([kubectl, "kustomize", K8S])
+        assert result.returncode == 0, describe(result)
+        rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        assert "Secret" not in {doc["kind"] for doc in rendered}
+
+
+def test_secret_example_is_outside_the_kustomization_and_its_creation_is_documented() -> None:
+    secret = example("Secret")
+    name = secret["metadata"]["name"]
+    volumes = {v["name"]: v for v in manifest("StatefulSet")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["secrets"]["secret"]["secretName"] == name
+    # Placeholders only: the example is the Secret's shape, never real values.
+    assert secret["stringData"], "the example lists the keys relay.toml references"
+    assert all(value.startswith("REPLACE-WITH-") for value in secret["stringData"].values())
+    assert not {path.resolve() for path in kustomize_resources()} & {
+        path.resolve() for path in K8S_EXAMPLES.glob("*.yaml")}
+    # The out-of-band step is spelt out where operators look: the kustomization and the README.
+    create = re.compile(rf"kubectl -n {re.escape(namespace())} create secret generic "
+                        rf"{re.escape(name)}\b[^`]*?--from-file=(\w+)=")
+    for where in (K8S / "kustomization.yaml", REPO / "README.md"):
+        text = re.sub(r"\s*\\\n\s*#?\s*", " ", where.read_text())  # join continued lines
+        keys = set(create.findall(text))
+        assert keys, f"{where.name} does not show `kubectl create secret generic {name}`"
+        assert keys <= set(secret["stringData"]), f"{where.name}: {keys}"
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -324,7 +452,22 @@ def test_kubernetes_manifests_match_the_schemas(version: str) -> None:
             pytest.fail(f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}):"
                         f" {exc.message}", pytrace=False)
         checked += 1
-    assert checked == 5
+    assert checked == 4
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_examples_match_the_schemas(version: str) -> None:
+    kinds = []
+    for doc in example_manifests():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"example {doc['kind']} {doc['metadata']['name']} (Kubernetes {version}):"
+                        f" {exc.message}", pytrace=False)
+        # Applied with kubectl apply -f, outside the kustomization: they name the namespace.
+        assert doc["metadata"]["namespace"] == namespace(), doc["kind"]
+        kinds.append(doc["kind"])
+    assert sorted(kinds) == ["Job", "Secret"]
 
 
 def test_kubernetes_validation_is_not_toothless() -> None:
@@ -347,6 +490,90 @@ def test_kustomize_build_renders_valid_manifests() -> None:
             assert doc["metadata"]["namespace"] == "im-relay", doc["kind"]
         if doc["kind"] not in MONITORING_KINDS:
             kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def erase_job() -> dict[str, Any]:
+    job = example("Job")
+    assert job == load_yaml_documents(ERASE_JOB)[0]
+    return job
+
+
+def test_erase_job_works_on_the_statefulsets_journal_volume_and_config() -> None:
+    """The one-off ``relay erase`` Job sees exactly what the relay's pod sees."""
+    sts = manifest("StatefulSet")
+    job = erase_job()
+    pod = job["spec"]["template"]["spec"]
+    relay_pod = sts["spec"]["template"]["spec"]
+    container = only_container(job["spec"]["template"])
+    relay = relay_container()
+    # The claim a StatefulSet creates for its pod 0: <claim template>-<statefulset>-0.
+    (template,) = sts["spec"]["volumeClaimTemplates"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    relay_volumes = {v["name"]: v for v in relay_pod["volumes"]}
+    claim = volumes[template["metadata"]["name"]]["persistentVolumeClaim"]
+    assert claim == {"claimName": f"{template['metadata']['name']}-{sts['metadata']['name']}-0"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    relay_mounts = {m["name"]: m for m in relay["volumeMounts"]}
+    for name in (template["metadata"]["name"], "config", "secrets", "tmp"):
+        assert mounts[name] == relay_mounts[name], name
+    for name in ("config", "secrets"):
+        assert volumes[name] == relay_volumes[name], name
+    assert not mounts[template["metadata"]["name"]].get("readOnly"), "erase rewrites the journal"
+    # The same journal path, configuration file and image as the relay.
+    assert container_env(container)["RELAY_JOURNAL__PATH"] == \
+        container_env(relay)["RELAY_JOURNAL__PATH"]
+    assert container["image"] == relay["image"]
+    assert container["command"] == ["relay", "erase"]
+    args = container["args"]
+    relay_args = relay["args"]
+    assert args[args.index("--config") + 1] == relay_args[relay_args.index("--config") + 1]
+    assert args[args.index("--user") + 1] == USER_PLACEHOLDER
+    assert "--dry-run" not in args
+    # As locked down as the relay (the namespace enforces the restricted profile).
+    assert pod["securityContext"] == relay_pod["securityContext"]
+    assert container["securityContext"] == relay["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    # Run once: a failure (the relay still running: exit 2) is read, not retried.
+    assert pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 0
+    # VACUUM copies the journal through a temporary file: /tmp must hold a journal.
+    assert volumes["tmp"]["emptyDir"]["sizeLimit"] == template["spec"]["resources"]["requests"][
+        "storage"]
+    # Not one of the relay's pods: the Service (and Prometheus) must not select it.
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not manifest("Service")["spec"]["selector"].items() <= labels.items()
+    assert not sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_erase_job_command_erases_as_the_pod_would(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Job's command line, with the ConfigMap's relay.toml and the pod's environment,
+    is an erase the real CLI accepts and carries out (paths moved under ``tmp_path``)."""
+    container = only_container(erase_job()["spec"]["template"])
+    config_file = tmp_path / "relay.toml"
+    config_file.write_text(manifest("ConfigMap")["data"]["relay.toml"])
+    secrets = example("Secret")["stringData"]
+    env = {**os.environ, **container_env(container)}
+    env["RELAY_JOURNAL__PATH"] = str(tmp_path / Path(env["RELAY_JOURNAL__PATH"]).name)
+    for (section, name, key), path in secret_file_keys(configmap_toml()).items():
+        local = tmp_path / Path(path).name
+        local.write_text(secrets[Path(path).name])
+        env[f"RELAY_{section}__{name}__{key}".upper()] = str(local)
+    file_sinks = {name: table for name, table in configmap_toml()["sinks"].items()
+                  if table["type"] == "file"}
+    for name in file_sinks:
+        env[f"RELAY_SINKS__{name}__PATH".upper()] = str(tmp_path / name / "events.jsonl")
+    args = [str(config_file) if previous == "--config" else
+            "u1" if value == USER_PLACEHOLDER else value
+            for previous, value in zip(["", *container["args"]], container["args"], strict=False)]
+    command = container["command"]
+    assert command[0] == "relay"
+    result = subprocess.run([sys.executable, "-m", "relay", *command[1:], *args],
+                            capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "erased 0 record(s) from events" in result.stdout, result.stdout
+    for name in file_sinks:
+        assert f"file sink {name}" in result.stdout, result.stdout
 
 
 def test_statefulset_is_a_single_hardened_writer() -> None:
@@ -431,7 +658,7 @@ def test_secrets_are_mounted_files_referenced_by_file_keys() -> None:
     container = relay_container()
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in manifest("StatefulSet")["spec"]["template"]["spec"]["volumes"]}
-    secret = manifest("Secret")
+    secret = example("Secret")
     assert volumes["secrets"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert mounts["secrets"]["readOnly"] is True
     # Readable by the pod's group (fsGroup), by nobody else.
@@ -454,7 +681,7 @@ def test_configmap_relay_toml_is_a_valid_relay_config(tmp_path: Path,
     config_file.write_text(text)
     for name, value in container_env(relay_container()).items():
         monkeypatch.setenv(name, value)
-    secrets = manifest("Secret")["stringData"]
+    secrets = example("Secret")["stringData"]
     for (section, name, key), path in secret_file_keys(tomllib.loads(text)).items():
         local = tmp_path / Path(path).name
         local.write_text(secrets[Path(path).name])
@@ -464,6 +691,17 @@ def test_configmap_relay_toml_is_a_valid_relay_config(tmp_path: Path,
     assert config.metrics.listen == "0.0.0.0:9464"
     assert config.journal.max_bytes is not None
     assert config.secret_values() == [secrets["rongcloud_app_secret"]]
+
+
+def test_configmap_relay_toml_matches_the_config_schema() -> None:
+    """What editors and CI validate against (``relay config-schema``) accepts the shipped file."""
+    schema = config_json_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in validator.iter_errors(configmap_toml())]
+    assert not problems, "\n".join(problems)
+    wrong = {**configmap_toml(), "journal": {**configmap_toml()["journal"], "retian": "1d"}}
+    assert not validator.is_valid(wrong), "the schema must refuse an unknown key"
 
 
 def test_monitoring_resources() -> None:

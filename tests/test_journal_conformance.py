@@ -27,11 +27,13 @@ from relay import metrics
 from relay.config import JournalConfig
 from relay.journal import (
     ConversationTally,
+    Fence,
     Journal,
     JournalError,
     JournalGoneError,
     JournalLockedError,
     JournalSchemaError,
+    LeaseLostError,
     LedgerBatch,
     LedgerEntry,
     NewEvent,
@@ -785,3 +787,77 @@ async def test_journals_in_two_schemas_of_one_database_are_apart(postgres: Backe
         assert ids(await a.read(0, 10)) == ["rc:a"]
         assert ids(await b.read(0, 10)) == ["rc:a"]
         assert (await a.stats()).path.endswith(f"(schema {long_name})")
+
+
+# -- leases and fencing -------------------------------------------------------------
+
+
+async def test_a_lease_has_one_holder_and_fences_the_last(backend: Backend) -> None:
+    async with backend.journal() as journal:
+        await journal.register_sinks(["s"], prune=False)
+        grant = await journal.acquire("sink:s", "a", 10.0)
+        assert grant is not None
+        assert await journal.acquire("sink:s", "a", 10.0) is None, "held: not granted twice"
+        assert await journal.renew(grant.fence, 10.0)
+        await journal.commit_batch([new_event("x")], fence=grant.fence)
+        await journal.advance_sink("s", 1, fence=grant.fence)
+        await journal.release(grant.fence)
+        again = await journal.acquire("sink:s", "b", 10.0)
+        assert again is not None
+        assert again.fence.epoch == grant.fence.epoch + 1
+        assert not await journal.renew(grant.fence, 10.0)
+        with pytest.raises(LeaseLostError):
+            await journal.commit_batch([new_event("y")], fence=grant.fence)
+        with pytest.raises(LeaseLostError):
+            await journal.advance_sink("s", 5, fence=grant.fence)
+        assert ids(await journal.read(0, 10)) == ["rc:x"], "nothing written under the old fence"
+        assert await journal.sink_cursor("s") == 1
+        held = {lease.unit: lease for lease in await journal.leases()}
+        assert held["sink:s"].holder == "b"
+        assert held["sink:s"].epoch == again.fence.epoch
+
+
+async def test_leases_expire_and_members_come_and_go(postgres: Backend) -> None:
+    async with postgres.journal() as a, postgres.journal() as b:
+        await a.heartbeat("a", "host-a pid 1")
+        await b.heartbeat("b", "host-b pid 2")
+        assert [m.member for m in await a.members(10.0)] == ["a", "b"]
+        grant = await a.acquire("source:rc", "a", 0.3)
+        assert grant is not None
+        assert grant.previous_end_ago is None
+        assert await b.acquire("source:rc", "b", 10.0) is None
+        taken = await eventually(lambda: b.acquire("source:rc", "b", 10.0), 5,
+                                 "the expired lease to be taken over")
+        assert taken.fence.epoch == grant.fence.epoch + 1
+        assert taken.previous_end_ago is not None
+        assert 0 <= taken.previous_end_ago < 5
+        # A stale holder's batch is refused in its own transaction: nothing of it lands.
+        with pytest.raises(LeaseLostError):
+            await a.commit_batch([new_event("late")], cursors={"rc:x": "1"},
+                                 fence=grant.fence)
+        assert await a.get_cursors("rc:x") == {}
+        await b.leave("b")
+        assert [m.member for m in await a.members(10.0)] == ["a"]
+        free = {lease.unit: lease for lease in await a.leases()}["source:rc"]
+        assert free.holder is None
+
+
+async def test_a_group_commit_refuses_only_the_fenced_member(postgres: Backend) -> None:
+    async with postgres.journal() as journal:
+        old = await journal.acquire("source:a", "me", 10.0)
+        assert old is not None
+        await journal.release(old.fence)
+        assert await journal.acquire("source:a", "other", 10.0) is not None
+        results = {}
+
+        async def commit(name: str, fence: Fence | None) -> None:
+            try:
+                results[name] = await journal.commit_batch([new_event(name)], fence=fence)
+            except LeaseLostError as exc:
+                results[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit, "fenced", old.fence)
+            tg.start_soon(commit, "free", None)
+        assert isinstance(results["fenced"], LeaseLostError)
+        assert ids(await journal.read(0, 10)) == ["rc:free"]

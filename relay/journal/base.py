@@ -54,6 +54,13 @@ class JournalUnusableError(JournalError):
     """The journal cannot be opened where the configuration says: a configuration problem."""
 
 
+class LeaseLostError(JournalError):
+    """A write made under a lease that has moved to another holder: refused, nothing written.
+
+    The unit (a source's uid, a sink) must stop at once; its new holder carries on.
+    """
+
+
 class JournalGoneError(JournalError):
     """The journal's storage is no longer the one the relay opened (deleted, replaced)."""
 
@@ -187,6 +194,76 @@ class JournalStats:
     cursors: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Proof of holding a lease: writes made under it are refused once the lease moved.
+
+    ``epoch`` grows by one every time the lease changes hands; the journal checks
+    holder and epoch in the same transaction as the write (SPEC §9, fencing).
+    """
+
+    unit: str
+    holder: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One lease as the journal has it (``relay status``)."""
+
+    unit: str
+    holder: str | None
+    epoch: int
+    expires_in: float  # seconds by the journal's clock; negative once expired
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A lease just acquired."""
+
+    fence: Fence
+    # Seconds since the previous holder's tenure ended (released or expired); None if
+    # nobody held it before. A RongCloud budget must honour what was sent before.
+    previous_end_ago: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A relay taking part in the cluster (``relay status``)."""
+
+    member: str
+    description: str
+    seen_ago: float
+
+
+class Leases(Protocol):
+    """Leases on units of work (a source's uid, a sink) among relays sharing the journal.
+
+    Times are the journal's own (one clock for every replica). The embedded
+    single-writer journal grants every lease to its one relay.
+    """
+
+    async def heartbeat(self, member: str, description: str) -> None:
+        """The member is alive (and, joining, now known)."""
+
+    async def members(self, ttl: float) -> list[Member]:
+        """Members seen within ``ttl`` seconds."""
+
+    async def acquire(self, unit: str, member: str, ttl: float) -> Grant | None:
+        """Take ``unit`` if it is free or expired (a new epoch), else None."""
+
+    async def renew(self, fence: Fence, ttl: float) -> bool:
+        """Extend a lease still held under ``fence``; False if it moved."""
+
+    async def release(self, fence: Fence) -> None:
+        """Give a lease up (it is free at once)."""
+
+    async def leave(self, member: str) -> None:
+        """A clean stop: the member and all its leases go."""
+
+    async def leases(self) -> list[Lease]: ...
+
+
 class EventLog(Protocol):
     """The deduplicating, ordered log of events: what sources append and sinks read."""
 
@@ -197,9 +274,13 @@ class EventLog(Protocol):
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
         ledger: LedgerBatch | None = None,
+        fence: Fence | None = None,
     ) -> CommitResult:
         """Atomically insert new events, quarantined records, source cursor moves and
         evacuation-ledger entries (:class:`Ledger`).
+
+        Under ``fence`` the whole batch is refused (:class:`LeaseLostError`) if the
+        lease has moved to another holder, in the same transaction.
 
         An event whose id the journal holds from within the dedup window is
         dropped; one whose id was last accepted longer ago is accepted as new (at
@@ -242,8 +323,9 @@ class SinkCursors(Protocol):
     async def sink_cursor(self, sink: str) -> int:
         """The last ``seq`` the sink has delivered."""
 
-    async def advance_sink(self, sink: str, seq: int) -> None:
-        """Record that the sink delivered everything up to ``seq`` (never moves back)."""
+    async def advance_sink(self, sink: str, seq: int, *, fence: Fence | None = None) -> None:
+        """Record that the sink delivered everything up to ``seq`` (never moves back);
+        refused under a ``fence`` whose lease moved (:class:`LeaseLostError`)."""
 
     async def rewind_sink(self, sink: str, since_ms: int) -> int:
         """Move a sink's cursor back to re-deliver events fetched at or after ``since_ms``.
@@ -363,7 +445,7 @@ class SourceJournal(EventLog, SourceState, Health, Protocol):
 
 
 class Journal(EventLog, SourceState, SinkCursors, DeadLetters, ControlRequests, Erasure,
-              Health, Ledger, Protocol):
+              Health, Ledger, Leases, Protocol):
     """Durable, deduplicating event log with per-source and per-sink cursors."""
 
     async def close(self) -> None: ...

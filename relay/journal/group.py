@@ -14,6 +14,7 @@ import anyio
 
 from relay.journal.base import (
     CommitResult,
+    Fence,
     JournalError,
     LedgerBatch,
     NewEvent,
@@ -30,6 +31,7 @@ class Pending:
     quarantine: Sequence[QuarantinedRecord] = ()
     sink: tuple[str, int] | None = None
     ledger: LedgerBatch | None = None
+    fence: Fence | None = None
     result: CommitResult | None = None
     error: JournalError | None = None
     done: bool = False
@@ -38,8 +40,9 @@ class Pending:
 class GroupCommit:
     """Serializes commits; ``apply(group)`` commits a group in one transaction.
 
-    ``apply`` sets every member's ``result``, or raises (a :class:`JournalError`
-    then reaches every member). The holder commits shielded from cancellation:
+    ``apply`` sets every member's ``result`` (or its own ``error``: a member whose
+    fence failed), or raises (a :class:`JournalError` then reaches every member).
+    The holder commits shielded from cancellation:
     the others' batches depend on it (a RongCloud batch exists nowhere else). A
     caller cancelled while it waits takes its own item back out of the queue,
     unless a holder already took it.

@@ -48,13 +48,18 @@ from relay.journal.base import (
     CommitResult,
     ConversationTally,
     DeadLetter,
+    Fence,
+    Grant,
     JournalError,
     JournalFullError,
     JournalGoneError,
     JournalSchemaError,
     JournalStats,
+    Lease,
+    LeaseLostError,
     LedgerBatch,
     LedgerEntry,
+    Member,
     NewEvent,
     QuarantinedRecord,
     SinkLag,
@@ -121,6 +126,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (source, ts, msg_id))""",
         "CREATE INDEX ledger_conversation ON {s}.ledger(source, conv, ts, msg_id)",
     ),
+    # The cluster (SPEC §9): members' heartbeats and leases on units of work, all by
+    # the database's clock, so that replicas never compare their own clocks.
+    3: (
+        """CREATE TABLE {s}.members(
+            member text PRIMARY KEY, description text NOT NULL,
+            heartbeat_at timestamptz NOT NULL)""",
+        """CREATE TABLE {s}.leases(
+            unit text PRIMARY KEY, holder text, epoch bigint NOT NULL,
+            expires_at timestamptz NOT NULL, ended_at timestamptz)""",
+    ),
 }
 
 
@@ -168,6 +183,20 @@ SELECT conv, count(*),
     (SELECT ARRAY[z.ts::text, z.msg_id] FROM ledger z WHERE z.source = $1 AND z.conv = l.conv
      AND z.ts < $2 ORDER BY z.ts DESC, z.msg_id DESC LIMIT 1)
 FROM ledger l WHERE source = $1 AND ts < $2 GROUP BY conv"""
+_FENCE = "SELECT epoch FROM leases WHERE unit = $1 AND holder = $2 FOR SHARE"
+# A free or expired lease changes hands with a new epoch (the row locked by _PREVIOUS
+# first, which also says how long ago the previous tenure ended, for the new holder's
+# request budget).
+_PREVIOUS = (
+    "SELECT extract(epoch FROM clock_timestamp() - COALESCE(ended_at, expires_at))::float8,"
+    " holder IS NULL OR expires_at < clock_timestamp() FROM leases WHERE unit = $1 FOR UPDATE")
+_ACQUIRE = """
+INSERT INTO leases AS l (unit, holder, epoch, expires_at)
+VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3))
+ON CONFLICT (unit) DO UPDATE SET holder = EXCLUDED.holder, epoch = l.epoch + 1,
+    expires_at = EXCLUDED.expires_at, ended_at = NULL
+WHERE l.holder IS NULL OR l.expires_at < clock_timestamp()
+RETURNING l.epoch"""
 _ADVANCE_SINK = (
     "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES ($1, $2, $3)"
     " ON CONFLICT (sink) DO UPDATE SET seq = GREATEST(sink_cursors.seq, EXCLUDED.seq),"
@@ -368,6 +397,11 @@ class PostgresJournal:
             rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
         return rows
 
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self._connection() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(sql, *args)
+            return row
+
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         async with self._connection() as conn:
             return await conn.fetchval(sql, *args)
@@ -408,6 +442,14 @@ class PostgresJournal:
         now = _now_ms()
         last = self._known_max
         for item in group:
+            if item.fence is not None:
+                # The lease row stays locked (FOR SHARE) until this commit ends: a new
+                # holder's takeover waits for it, and this write is the old epoch's last.
+                epoch = await conn.fetchval(_FENCE, item.fence.unit, item.fence.holder)
+                if epoch != item.fence.epoch:
+                    item.error = LeaseLostError(
+                        f"the lease on {item.fence.unit} has moved: nothing written")
+                    continue
             new = 0
             events = item.events
             if events:
@@ -452,9 +494,11 @@ class PostgresJournal:
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
         ledger: LedgerBatch | None = None,
+        fence: Fence | None = None,
     ) -> CommitResult:
         result = await self._group.submit(
-            Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger))
+            Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger,
+                    fence=fence))
         if result.new:
             self._saw(result.last_seq)
         return result
@@ -582,8 +626,63 @@ class PostgresJournal:
         value = await self._fetchval("SELECT seq FROM sink_cursors WHERE sink = $1", sink)
         return int(value) if value is not None else 0
 
-    async def advance_sink(self, sink: str, seq: int) -> None:
-        await self._group.submit(Pending(sink=(sink, seq)))
+    async def advance_sink(self, sink: str, seq: int, *, fence: Fence | None = None) -> None:
+        await self._group.submit(Pending(sink=(sink, seq), fence=fence))
+
+    # -- the cluster -----------------------------------------------------------
+
+    async def heartbeat(self, member: str, description: str) -> None:
+        await self._execute(
+            "INSERT INTO members(member, description, heartbeat_at)"
+            " VALUES ($1, $2, clock_timestamp()) ON CONFLICT (member) DO UPDATE"
+            " SET description = EXCLUDED.description, heartbeat_at = EXCLUDED.heartbeat_at",
+            member, _text(description))
+
+    async def members(self, ttl: float) -> list[Member]:
+        rows = await self._fetch(
+            "SELECT member, description,"
+            " extract(epoch FROM clock_timestamp() - heartbeat_at)::float8 FROM members"
+            " WHERE heartbeat_at > clock_timestamp() - make_interval(secs => $1)"
+            " ORDER BY member", ttl)
+        return [Member(r[0], r[1], float(r[2])) for r in rows]
+
+    async def acquire(self, unit: str, member: str, ttl: float) -> Grant | None:
+        async with self._connection() as conn, conn.transaction():
+            previous = await conn.fetchrow(_PREVIOUS, _text(unit))
+            if previous is not None and not previous[1]:
+                return None  # held, and not expired
+            epoch = await conn.fetchval(_ACQUIRE, _text(unit), member, ttl)
+        if epoch is None:
+            return None
+        return Grant(Fence(unit, member, int(epoch)),
+                     None if previous is None else max(0.0, float(previous[0])))
+
+    async def renew(self, fence: Fence, ttl: float) -> bool:
+        row = await self._fetchrow(
+            "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $4)"
+            " WHERE unit = $1 AND holder = $2 AND epoch = $3 RETURNING epoch",
+            _text(fence.unit), fence.holder, fence.epoch, ttl)
+        return row is not None
+
+    async def release(self, fence: Fence) -> None:
+        await self._execute(
+            "UPDATE leases SET holder = NULL, expires_at = clock_timestamp(),"
+            " ended_at = clock_timestamp() WHERE unit = $1 AND holder = $2 AND epoch = $3",
+            _text(fence.unit), fence.holder, fence.epoch)
+
+    async def leave(self, member: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE leases SET holder = NULL, expires_at = clock_timestamp(),"
+                " ended_at = clock_timestamp() WHERE holder = $1", member)
+            await conn.execute("DELETE FROM members WHERE member = $1", member)
+
+    async def leases(self) -> list[Lease]:
+        rows = await self._fetch(
+            "SELECT unit, holder, epoch,"
+            " extract(epoch FROM expires_at - clock_timestamp())::float8 FROM leases"
+            " ORDER BY unit")
+        return [Lease(r[0], r[1], int(r[2]), float(r[3])) for r in rows]
 
     async def event_seq(self, event_id: str, fetched_at: int | None = None) -> int | None:
         rows = await self._fetch("SELECT seq, fetched_at FROM events WHERE id = $1",

@@ -41,6 +41,8 @@ from relay.journal.base import (
     CommitResult,
     ConversationTally,
     DeadLetter,
+    Fence,
+    Grant,
     JournalError,
     JournalFullError,
     JournalGoneError,
@@ -48,8 +50,10 @@ from relay.journal.base import (
     JournalSchemaError,
     JournalStats,
     JournalUnusableError,
+    Lease,
     LedgerBatch,
     LedgerEntry,
+    Member,
     NewEvent,
     QuarantinedRecord,
     SinkLag,
@@ -57,6 +61,7 @@ from relay.journal.base import (
     WriteBlocker,
 )
 from relay.journal.group import GroupCommit, Pending
+from relay.journal.local_leases import AliveFile, LocalLeases
 from relay.private_files import make_private_dirs
 
 SCHEMA_VERSION = 2
@@ -180,6 +185,9 @@ class SqliteJournal:
         self._identity = self._file_identity()
         self._gone: str | None = None
         self._ledger = sqlite_ledger.LedgerWriter()
+        self._leases = LocalLeases()
+        # Only the writer says it is alive; readers (relay status) leave the file alone.
+        self._alive = AliveFile(Path(f"{path}.alive"), write=writer is not None)
 
     # -- opening -----------------------------------------------------------
 
@@ -503,7 +511,9 @@ class SqliteJournal:
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
         ledger: LedgerBatch | None = None,
+        fence: Fence | None = None,
     ) -> CommitResult:
+        self._leases.check(fence)
         result = await self._group.submit(
             Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger))
         if result.new and result.last_seq > self._last_seq:
@@ -572,8 +582,37 @@ class SqliteJournal:
 
         return await self._reader.run(query)
 
-    async def advance_sink(self, sink: str, seq: int) -> None:
+    async def advance_sink(self, sink: str, seq: int, *, fence: Fence | None = None) -> None:
+        self._leases.check(fence)
         await self._group.submit(Pending(sink=(sink, seq)))
+
+    # -- leases: one writer (the flock), so every lease is this relay's ---------
+
+    async def heartbeat(self, member: str, description: str) -> None:
+        self._leases.heartbeat(member, description)
+        self._alive.beat()
+
+    async def members(self, ttl: float) -> list[Member]:
+        return self._leases.members()
+
+    async def acquire(self, unit: str, member: str, ttl: float) -> Grant | None:
+        grant = self._leases.acquire(unit, member)
+        if grant is None:
+            return None
+        return Grant(grant.fence, self._alive.previous_end_ago())
+
+    async def renew(self, fence: Fence, ttl: float) -> bool:
+        return self._leases.holds(fence)
+
+    async def release(self, fence: Fence) -> None:
+        self._leases.release(fence)
+
+    async def leave(self, member: str) -> None:
+        self._leases.leave(member)
+        self._alive.beat()
+
+    async def leases(self) -> list[Lease]:
+        return self._leases.leases()
 
     async def rewind_sink(self, sink: str, since_ms: int) -> int:
         now = _now_ms()
@@ -898,6 +937,7 @@ class SqliteJournal:
         return await self._reader.run(query)
 
     async def close(self) -> None:
+        self._alive.close()
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.run(lambda c: c.close())

@@ -27,7 +27,7 @@ import anyio
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.journal import JournalError, SinkJournal, StoredEvent
+from relay.journal import Fence, JournalError, LeaseLostError, SinkJournal, StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import (
     Advance,
@@ -79,12 +79,15 @@ class SinkRunner:
         self._replay_marked = False
         self._settled: set[int] = set()  # seqs of the batch in flight already dead-lettered
         self._stopping = anyio.Event()
+        self._fence: Fence | None = None
 
     @property
     def name(self) -> str:
         return self.sink.name
 
-    async def run(self, stopping: anyio.Event) -> None:
+    async def run(self, stopping: anyio.Event, *, fence: Fence | None = None) -> None:
+        """Deliver until ``stopping``; cursor moves under ``fence`` (the sink's lease)."""
+        self._fence = fence
         metrics.init_sink(self.name)
         self._stopping = stopping
         if not await self._start(stopping):
@@ -155,7 +158,8 @@ class SinkRunner:
                 self._observe(selected, result)
             cursor = rows[-1].seq
             if not await self._journal_write(
-                    "cursor", partial(self.journal.advance_sink, self.name, cursor), stopping):
+                    "cursor", partial(self.journal.advance_sink, self.name, cursor,
+                                      fence=self._fence), stopping):
                 return
             self.health.cursor = cursor
             if self._replay_marked and selected:
@@ -191,7 +195,8 @@ class SinkRunner:
                  sink=self.name, destination=position.where, journal_cursor=cursor,
                  position=seq, skipped=seq - cursor)
         if not await self._journal_write(
-                "cursor", partial(self.journal.advance_sink, self.name, seq), self._stopping):
+                "cursor", partial(self.journal.advance_sink, self.name, seq, fence=self._fence),
+                self._stopping):
             return cursor
         return seq
 
@@ -285,11 +290,15 @@ class SinkRunner:
                             retrying=len(result.retry), error=result.error,
                             retry_in_seconds=round(delay, 2))
                 pending = sorted(result.retry, key=lambda e: e.seq)
-            # The lag keeps growing while the batch waits: let the gauges show it.
-            await self._report_lag(pending[0])
-            if stopping.is_set():
-                return None
-            await self._sleep(delay, stopping)
+            # The lag keeps growing while the batch waits: the gauges show it every second,
+            # however long the wait (a backoff, an open breaker, a paused sink).
+            until = time.monotonic() + delay
+            while not stopping.is_set():
+                await self._report_lag(pending[0])
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                await self._sleep(min(left, PENDING_COUNT_INTERVAL), stopping)
             if stopping.is_set():
                 return None
 
@@ -330,8 +339,8 @@ class SinkRunner:
                 with anyio.CancelScope(shield=True):
                     await write()
             except JournalError as exc:
-                if getattr(exc, "fatal", False):
-                    raise
+                if exc.fatal or isinstance(exc, LeaseLostError):
+                    raise  # the journal is gone, or the sink moved to another relay
                 if not warned:
                     log.error("journal write failed after a delivery; holding the sink and"
                               " retrying", sink=self.name, what=what, error=str(exc))

@@ -20,10 +20,13 @@ import orjson
 
 from relay import metrics
 from relay.checks import CheckResult
+from relay.cluster import LEASE_MARGIN, LeaseClock
 from relay.journal import (
     CommitResult,
+    Fence,
     JournalError,
     JournalFullError,
+    LeaseLostError,
     LedgerBatch,
     NewEvent,
     QuarantinedRecord,
@@ -35,6 +38,9 @@ from relay.sources.http import Answer
 from relay.sources.salvage import Unparsed, dump_any
 
 log = get_logger("relay.source")
+
+# A consume-on-read request is sent only with at least this much request time left.
+MIN_REQUEST_TIME = 1.0
 
 # An event larger than this is quarantined: no sink (Kafka: 1 MB by default) would take it.
 DEFAULT_MAX_RECORD_BYTES = 4 * 1024 * 1024
@@ -58,13 +64,47 @@ class SourceHealth:
 
 @dataclass
 class SourceRuntime:
-    """Shared services handed to a running source."""
+    """What a running source (or one unit of it) is given.
+
+    ``unit`` names the part of the source to run (a WuKongIM ``uid:u1``; ``""``:
+    all of it), under the lease ``fence``, which every commit carries. ``lease``
+    says how long that lease is safe (None: no lease, as in tests that build a
+    runtime by hand); ``previous_end_ago`` how long ago whoever ran the unit before
+    stopped (None: nobody, or not known to have), which a request budget honours.
+    """
 
     journal: SourceJournal
     stopping: anyio.Event
     budgets: BudgetRegistry = field(default_factory=BudgetRegistry)
     disk_full_retry: float = 5.0
     health: dict[str, SourceHealth] = field(default_factory=dict)
+    unit: str = ""
+    fence: Fence | None = None
+    lease: LeaseClock | None = None
+    previous_end_ago: float | None = None
+
+    def holdoff(self, window: float) -> float:
+        """How long a request budget of ``window`` must wait before its first request."""
+        if self.previous_end_ago is None:
+            return 0.0  # nobody ran this before (a new journal): nothing to honour
+        return max(0.0, window - self.previous_end_ago)
+
+    async def lease_time(self, wanted: float) -> float | None:
+        """The deadline a consume-on-read request (RongCloud qrymsg, WuKongIM syncack) may
+        have: ``wanted``, cut so that it ends a margin before the lease could expire.
+
+        Waits while the lease has less than a second of request time left (a renewal
+        is late, the journal unreachable); None once the unit is stopping.
+        """
+        if self.lease is None:
+            return wanted
+        while not self.stopping.is_set():
+            available = self.lease.remaining() - LEASE_MARGIN
+            if available >= MIN_REQUEST_TIME:
+                return min(wanted, available)
+            with anyio.move_on_after(1.0):
+                await self.stopping.wait()
+        return None
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the relay starts shutting down."""
@@ -99,21 +139,21 @@ class SourceRuntime:
         *,
         cursors: Mapping[str, str] | None = None,
         quarantine: Sequence[QuarantinedRecord] = (),
-        grace_deadline: float | None = None,
         ledger: LedgerBatch | None = None,
-    ) -> CommitResult | None:
-        """Journal one batch; retries while the disk is full. None only if given up at shutdown."""
+    ) -> CommitResult:
+        """Journal one batch; retried (the batch held) until the journal takes it."""
         started = time.perf_counter()
         warned = False
         while True:
             try:
                 result = await self.journal.commit_batch(
-                    events, cursors=cursors, quarantine=quarantine, ledger=ledger
-                )
+                    events, cursors=cursors, quarantine=quarantine, ledger=ledger,
+                    fence=self.fence)
                 break
             except JournalError as exc:
-                if exc.fatal:
-                    # The journal itself is gone: nothing may be acknowledged any more.
+                if exc.fatal or isinstance(exc, LeaseLostError):
+                    # The journal itself is gone, or the unit moved to another relay:
+                    # nothing may be acknowledged any more.
                     raise
                 # Whatever the cause (full disk, a lock held too long, an I/O error), the
                 # batch in hand is kept and retried: for consume-on-read providers it
@@ -133,18 +173,15 @@ class SourceRuntime:
                         error=str(exc),
                     )
                     warned = True
-                if self.stopping.is_set() and (
-                    grace_deadline is None or time.monotonic() > grace_deadline
-                ):
-                    log.error(
-                        "shutting down with a fetched batch that could not be journaled",
-                        source=source,
-                        endpoint=endpoint,
-                        events=len(events),
-                    )
-                    return None
-                # Not interruptible by shutdown: the batch in hand is worth the wait.
-                await anyio.sleep(self.disk_full_retry)
+                # Not given up when stopping either (a shutdown, or the unit being handed to
+                # another relay): the batch in hand is worth the wait. A shutdown's grace
+                # period ends it by cancellation, logged by the caller as possible loss.
+                try:
+                    await anyio.sleep(self.disk_full_retry)
+                except anyio.get_cancelled_exc_class():
+                    log.error("stopped with a fetched batch that could not be journaled",
+                              source=source, endpoint=endpoint, events=len(events))
+                    raise
         if warned:
             metrics.JOURNAL_FULL.set(0)
             log.info("journal writable again: batch committed", source=source, endpoint=endpoint)
@@ -247,8 +284,12 @@ class Source(Protocol):
     name: str
     provider: str
 
+    def units(self) -> list[str]:
+        """Its units of work (``""``: all of it as one), each run under its own lease."""
+
     async def run(self, runtime: SourceRuntime) -> None:
-        """Poll until ``runtime.stopping`` is set; finish the batch in hand, then return."""
+        """Poll ``runtime.unit`` until ``runtime.stopping`` is set; finish the batch in hand,
+        then return."""
 
     async def check(self) -> list[CheckResult]:
         """Validate credentials and reachability without consuming anything."""

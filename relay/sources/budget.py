@@ -10,8 +10,12 @@ requests are in flight or completed within the last window. Since a request
 arrives at the server no later than its response returns, any two requests
 ``limit`` apart arrive at least one window apart, whatever the jitter.
 
-A new process cannot know what its predecessor sent, so a budget starts as
-if ``limit`` requests had just completed (one window of hold-off).
+Whoever polled the same key before (a predecessor process, or another replica
+whose lease this one took over) may have sent requests within the last window:
+a budget starts as if ``limit`` requests had completed ``window - holdoff``
+seconds ago, so that the first request waits ``holdoff``. The caller knows how
+long ago the predecessor stopped (the journal's leases say) and asks for no
+more than the rest of a window; a full window when nothing is known.
 
 Requests are also spaced ``window / limit`` apart (``smooth``): spending the
 whole budget in a burst and then waiting out the rest of the window would
@@ -34,7 +38,7 @@ class RequestBudget:
         limit: int,
         window: float = 1.0,
         *,
-        holdoff: bool = True,
+        holdoff: float | None = None,
         smooth: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -44,13 +48,23 @@ class RequestBudget:
         self.window = window
         self._clock = clock
         self._done: deque[float] = deque(maxlen=limit)
-        if holdoff:
-            self._done.extend([clock()] * limit)
+        self.hold_off(window if holdoff is None else holdoff)
         self._in_flight = 0
         self._spacing = window / limit if smooth else 0.0
         self._last_send = -float("inf")
         self._lock = anyio.Lock()
         self._released: anyio.Event | None = None
+
+    def hold_off(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` (at most a window): another party may have used it."""
+        seconds = min(self.window, max(0.0, seconds))
+        if seconds <= 0:
+            return
+        # As if ``limit`` requests had completed so that they leave the window then.
+        until = self._clock() - self.window + seconds
+        kept = [max(t, until) for t in self._done]
+        self._done.clear()
+        self._done.extend(sorted([*kept, *[until] * (self.limit - len(kept))])[-self.limit:])
 
     def _expire(self, now: float) -> None:
         while self._done and self._done[0] <= now - self.window:
@@ -103,7 +117,9 @@ class BudgetRegistry:
         self._budgets: dict[tuple[str, ...], RequestBudget] = {}
 
     def get(self, key: tuple[str, ...], limit: int, window: float = 1.0, *,
-            holdoff: bool = True, smooth: bool = True) -> RequestBudget:
+            holdoff: float | None = None, smooth: bool = True) -> RequestBudget:
+        """The budget of ``key``; ``holdoff`` (seconds, None: a window) applies also to one
+        that already exists (a unit taken back after another replica held it)."""
         budget = self._budgets.get(key)
         if budget is None:
             budget = RequestBudget(limit, window, holdoff=holdoff, smooth=smooth)
@@ -111,4 +127,6 @@ class BudgetRegistry:
         elif budget.limit != limit or budget.window != window:
             # Two sources on one app key must not each believe they own the budget.
             raise ValueError(f"conflicting request budgets configured for {key[0]!r}")
+        else:
+            budget.hold_off(window if holdoff is None else holdoff)
         return budget

@@ -99,9 +99,12 @@ class ProviderClient:
         )
         self._last_skew_warning = 0.0
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> Answer:
+    async def request(self, method: str, url: str, *, deadline: float | None = None,
+                      **kwargs: Any) -> Answer:
+        """One exchange within ``deadline`` (default: the configured request deadline)."""
+        limit = self.deadline if deadline is None else deadline
         try:
-            response = await fetch(self._client, method, url, deadline=self.deadline,
+            response = await fetch(self._client, method, url, deadline=limit,
                                    max_bytes=self.max_bytes, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             local = local_failure(exc)
@@ -109,7 +112,7 @@ class ProviderClient:
                 return Answer(LOCAL, detail=local)
             return Answer(CONNECT, detail=describe(exc))
         except TimeoutError:
-            return Answer(TIMEOUT, detail=f"no whole answer within {self.deadline:g}s")
+            return Answer(TIMEOUT, detail=f"no whole answer within {limit:g}s")
         except httpx.TimeoutException as exc:
             return Answer(TIMEOUT, detail=type(exc).__name__)
         except AnswerTooLarge as exc:

@@ -142,7 +142,7 @@ class LeanCloudSource:
     def budget(self, runtime: SourceRuntime) -> RequestBudget:
         """The app's request budget (per minute, shared): soft, no start-up hold-off."""
         return runtime.budgets.get(("leancloud", self.config.app_id),
-                                   self.config.requests_per_minute, 60.0, holdoff=False)
+                                   self.config.requests_per_minute, 60.0, holdoff=0)
 
     @asynccontextmanager
     async def api(self, runtime: SourceRuntime,
@@ -179,6 +179,10 @@ class LeanCloudSource:
         return await self._client.request(
             "GET", f"{self.config.base_url}{PATH}", params=params, headers=self._headers()
         )
+
+    def units(self) -> list[str]:
+        """One unit: the whole source (its budget is one app key's)."""
+        return [""]
 
     async def run(self, runtime: SourceRuntime) -> None:
         c = self.config
@@ -274,10 +278,8 @@ class LeanCloudSource:
                     ledger = LedgerBatch(self.name, ledger_entries(self.name, records, events,
                                                                    quarantine))
                     cursors.update(tracker.batch_cursors(ledger.entries, new_cursor))
-                result = await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
-                                              cursors=cursors, ledger=ledger)
-                if result is None:
-                    break
+                await runtime.commit(self.name, ENDPOINT, events, quarantine=quarantine,
+                                     cursors=cursors, ledger=ledger)
                 cursor = new_cursor
                 observe_batch(self.name, ENDPOINT, events, fetched_at)
                 if tracker is not None and ledger is not None:

@@ -158,15 +158,18 @@ class RongCloudSource:
 
     # -- one request -------------------------------------------------------
 
-    async def _post(self, path: str, data: dict[str, str] | None = None) -> _Answer:
+    async def _post(self, path: str, data: dict[str, str] | None = None, *,
+                    deadline: float | None = None) -> _Answer:
         index = self._url_index
-        answer = await self._post_to(f"{self.config.base_urls[index]}{path}", data)
+        answer = await self._post_to(f"{self.config.base_urls[index]}{path}", data, deadline)
         answer.url_index = index
         return answer
 
-    async def _post_to(self, url: str, data: dict[str, str] | None) -> _Answer:
+    async def _post_to(self, url: str, data: dict[str, str] | None,
+                       deadline: float | None = None) -> _Answer:
         assert self._client is not None
-        answer = await self._client.request("POST", url, headers=self._headers(), data=data)
+        answer = await self._client.request("POST", url, headers=self._headers(), data=data,
+                                            deadline=deadline)
         if answer.kind != http.RESPONSE:
             return _Answer(_TRANSPORT_OUTCOMES[answer.kind], detail=answer.detail)
         body, raw, status = answer.body, answer.raw, answer.status
@@ -197,6 +200,10 @@ class RongCloudSource:
         return _Answer(Outcome.OK, body=body, raw=raw)
 
     # -- the polling loops -------------------------------------------------
+
+    def units(self) -> list[str]:
+        """One unit: the whole source (its budget is one app key's)."""
+        return [""]
 
     async def run(self, runtime: SourceRuntime) -> None:
         await self._report_gap(runtime)
@@ -245,8 +252,8 @@ class RongCloudSource:
     async def _poll_endpoint(self, runtime: SourceRuntime, endpoint: str) -> None:
         c = self.config
         budget = runtime.budgets.get(
-            ("rongcloud", c.app_key, endpoint), c.requests_per_second, c.budget_window
-        )
+            ("rongcloud", c.app_key, endpoint), c.requests_per_second, c.budget_window,
+            holdoff=runtime.holdoff(c.budget_window))
         health = runtime.health[f"{self.name}/{endpoint}"]
         health.polling = True
         health.budget = budget
@@ -263,9 +270,11 @@ class RongCloudSource:
             async with budget.slot() as waited:
                 if waited:
                     metrics.SOURCE_BUDGET_WAITS.labels(*labels).inc()
-                if runtime.stopping.is_set():
+                # Consume-on-read: only while the lease outlasts the request (SPEC §9).
+                deadline = await runtime.lease_time(c.request_deadline)
+                if deadline is None or runtime.stopping.is_set():
                     break
-                answer = await self._post(path)
+                answer = await self._post(path, deadline=deadline)
             fetched_at = now_ms()
             metrics.SOURCE_REQUESTS.labels(*labels, _outcome_label(answer)).inc()
             if answer.outcome == Outcome.OK:
@@ -296,11 +305,12 @@ class RongCloudSource:
             cursors = {self._cursor_key(endpoint): str(fetched_at)}
             state.last_cursor_write = mono
         if events or quarantine or cursors:
-            result = await runtime.commit(self.name, endpoint, events, cursors=cursors,
-                                          quarantine=quarantine)
-            if result is None:
-                metrics.SOURCE_POSSIBLE_LOSS.labels(*labels).inc()
-                return None
+            try:
+                await runtime.commit(self.name, endpoint, events, cursors=cursors,
+                                     quarantine=quarantine)
+            except anyio.get_cancelled_exc_class():
+                metrics.SOURCE_POSSIBLE_LOSS.labels(*labels).inc()  # consumed, not journaled
+                raise
         errors.ok()
         if events:
             age = observe_batch(self.name, endpoint, events, fetched_at)

@@ -101,16 +101,18 @@ class WuKongIMSource:
         self.name = name
         self.config = config
         self._client: ProviderClient | None = None
+        self._users = 0  # units running: they share one client
 
     def _headers(self) -> dict[str, str]:
         token = self.config.token
         return {"token": token.get_secret_value()} if token is not None else {}
 
-    async def _call(self, path: str, body: dict[str, Any]) -> Answer:
+    async def _call(self, path: str, body: dict[str, Any], *,
+                    deadline: float | None = None) -> Answer:
         assert self._client is not None
         return await self._client.request(
-            "POST", f"{self.config.base_url}{path}", json=body, headers=self._headers()
-        )
+            "POST", f"{self.config.base_url}{path}", json=body, headers=self._headers(),
+            deadline=deadline)
 
     def _classify(self, answer: Answer, errors: LoopErrors, endpoint: str) -> float | None:
         """None when the answer is a usable 200; else (counted) how long to wait to retry."""
@@ -140,18 +142,29 @@ class WuKongIMSource:
 
     # -- running -----------------------------------------------------------
 
+    def units(self) -> list[str]:
+        """Each uid and each channel is a unit of its own: replicas share them out."""
+        return [f"uid:{uid}" for uid in self.config.uids] + [
+            f"channel:{c.type}:{c.id}" for c in self.config.channels]
+
     async def run(self, runtime: SourceRuntime) -> None:
         metrics.init_source(self.name, ["sync", "syncack", "channel"])
-        self._client = self.config.client(self.name)
+        if self._client is None:
+            self._client = self.config.client(self.name)
+        self._users += 1
         try:
             async with anyio.create_task_group() as tg:
                 for uid in self.config.uids:
-                    tg.start_soon(self._sync_loop, runtime, uid)
+                    if runtime.unit in ("", f"uid:{uid}"):
+                        tg.start_soon(self._sync_loop, runtime, uid)
                 for channel in self.config.channels:
-                    tg.start_soon(self._channel_loop, runtime, channel)
+                    if runtime.unit in ("", f"channel:{channel.type}:{channel.id}"):
+                        tg.start_soon(self._channel_loop, runtime, channel)
         finally:
-            await self._client.aclose()
-            self._client = None
+            self._users -= 1
+            if not self._users and self._client is not None:
+                client, self._client = self._client, None
+                await client.aclose()
 
     def _errors(self, runtime: SourceRuntime, endpoint: str, what: str) -> LoopErrors:
         health = runtime.health.setdefault(f"{self.name}/{what}", SourceHealth(endpoint=endpoint))
@@ -204,8 +217,6 @@ class WuKongIMSource:
                 cursors[seqs_key] = channel_seqs.encode()
             result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
                                           cursors=cursors)
-            if result is None:
-                break  # shutting down with the batch uncommitted: it stays unacknowledged
             observe_batch(self.name, endpoint, events, fetched_at)
             await self._ack(runtime, uid, ack_seq(records, answer.raw), errors)
             if result.new == 0:
@@ -228,7 +239,12 @@ class WuKongIMSource:
     async def _ack(self, runtime: SourceRuntime, uid: str, seq: int, errors: LoopErrors) -> None:
         """Acknowledge a committed batch; retried, since acking twice is harmless."""
         while True:
-            answer = await self._call("/message/syncack", {"uid": uid, "last_message_seq": seq})
+            # The ack consumes: only while the lease outlasts the request (SPEC §9).
+            deadline = await runtime.lease_time(self.config.request_deadline)
+            if deadline is None:
+                return  # unacknowledged: whoever holds the uid next gets the batch again
+            answer = await self._call("/message/syncack", {"uid": uid, "last_message_seq": seq},
+                                      deadline=deadline)
             delay = self._classify(answer, errors, "syncack")
             if delay is None:
                 metrics.SOURCE_REQUESTS.labels(self.name, "syncack", "ok").inc()
@@ -305,10 +321,8 @@ class WuKongIMSource:
                 partial(normalize, source=self.name, kind="message", fetched_at=fetched_at),
                 max_record_bytes=self.config.max_record_bytes)
             cursor = f"{last}:{last_id}" if last_id else str(last)
-            result = await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
-                                          cursors={cursor_key: cursor})
-            if result is None:
-                break
+            await runtime.commit(self.name, endpoint, events, quarantine=quarantine,
+                                 cursors={cursor_key: cursor})
             observe_batch(self.name, endpoint, events, fetched_at)
             if not more and len(records) < limit:
                 await runtime.sleep(self.config.idle_interval)
