@@ -47,6 +47,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, in
         relay = RelayProcess(config, tmp_path / "relay.log").start()
         try:
             wait_for(lambda: count_lines(tmp_path / "events.jsonl") >= 300, timeout=30)
+            # The dead webhook's backlog is counted once a second: let it reach 300 first.
+            wait_for(lambda: metric(port, "relay_sink_pending_events", sink="hook") == 300,
+                     timeout=30, message="the webhook's pending gauge")
             yield config, port
         finally:
             relay.stop()
