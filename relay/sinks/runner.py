@@ -90,13 +90,16 @@ class SinkRunner:
         self._fence = fence
         metrics.init_sink(self.name)
         self._stopping = stopping
-        if not await self._start(stopping):
-            return
         try:
-            await self._loop(stopping)
+            if await self._start(stopping):
+                await self._loop(stopping)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.sink.close()
+        if self.health.state == "fenced":
+            # Stays stopped, and says so, until the relay stops (or, with replicas, the
+            # sink's lease is found to have moved): started again it would fence back.
+            await stopping.wait()
 
     async def _sleep(self, seconds: float, stopping: anyio.Event) -> None:
         with anyio.move_on_after(seconds):
