@@ -66,13 +66,18 @@ class SinkRunner:
         """Deliver until ``stopping``; cursor moves under ``fence`` (the sink's lease)."""
         self._fence = fence
         metrics.init_sink(self.name)
-        if not await self._start(stopping):
-            return
         try:
-            await self._loop(stopping)
+            if not await self._start(stopping):
+                return
+            try:
+                await self._loop(stopping)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.sink.close()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.sink.close()
+            # Handed over (or stopping): its lag and up gauges would go stale here while
+            # another relay delivers, and fire alerts for this one.
+            metrics.forget_sink(self.name)
 
     async def _sleep(self, seconds: float, stopping: anyio.Event) -> None:
         with anyio.move_on_after(seconds):
