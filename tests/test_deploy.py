@@ -8,6 +8,11 @@
   ``deploy/prometheus/alerts.yml``; the kustomization ships no Secret (it would
   overwrite the one created out of band); the examples (the Secret's shape, the
   ``relay erase`` Job) validate and fit the StatefulSet.
+- ``deploy/kubernetes/cluster``: the Deployment variant (replicas on a PostgreSQL
+  journal) validates, builds alone, mirrors the StatefulSet's Service, monitoring and
+  hardening, takes its DSN from a Secret file and its member name from the pod; its
+  ConfigMap runs as three pods on a real PostgreSQL and Kafka through a rolling step;
+  its ``relay journal copy`` Job moves a real SQLite journal the pods then read.
 - ``Dockerfile``: the ``docker`` commands of its header fit the image (port, volume,
   config path, a stop timeout above the shutdown grace; erase with the relay stopped).
 - ``deploy/prometheus``: ``promtool check rules / test rules / check config``,
