@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -31,6 +32,7 @@ from relay.sdnotify import Notifier
 from relay.sinks import build_sink
 from relay.sinks.runner import SinkRunner
 from relay.sources import Source, SourceRuntime, build_source
+from relay.sources.base import UnitHealth
 from relay.sources.budget import BudgetRegistry
 
 log = get_logger("relay")
@@ -61,6 +63,10 @@ class Relay:
         self._last_limit_warning = 0.0
         self.fatal: JournalError | None = None
         self.cluster: Cluster | None = None
+        # Source health key -> the unit whose loop wrote it (see :class:`UnitHealth`).
+        self._health_owners: dict[str, str] = {}
+        # Source name -> how many of its units run here now.
+        self._units_running: Counter[str] = Counter()
 
     # -- readiness ---------------------------------------------------------
 
@@ -72,20 +78,28 @@ class Relay:
         """
         checks: dict[str, str] = {}
         checks["journal"] = "open" if self.journal is not None else "closed"
+        # Units that run on another relay sharing the journal (or on none yet) are a
+        # standby's business here, not a failure: what they last did here is history.
+        running = self.cluster.running() if self.cluster is not None else None
         if self.runtime is not None:
             for key, health in self.runtime.health.items():
-                if health.config_error:
+                if running is not None and self._health_owners.get(key) not in running:
+                    checks[f"source {key}"] = "standby"
+                elif health.config_error:
                     checks[f"source {key}"] = f"config error: {health.config_error}"
                 elif health.last_error:
                     checks[f"source {key}"] = f"failing: {health.last_error}"
                 else:
                     checks[f"source {key}"] = "polling" if health.polling else "stopped"
         for runner in self.runners:
+            if running is not None and f"sink:{runner.name}" not in running:
+                checks[f"sink {runner.name}"] = "standby"
+                continue
             state, error = runner.state()
             checks[f"sink {runner.name}"] = f"{state}: {error}" if error and state not in (
                 "idle", "delivering") else state
         ready = self.journal is not None and all(
-            v in ("open", "polling", "idle", "delivering") for v in checks.values()
+            v in ("open", "polling", "idle", "delivering", "standby") for v in checks.values()
         )
         return ready, checks
 
@@ -185,14 +199,24 @@ class Relay:
         units = []
         for source in self.sources:
             for key in source.units():
-                async def run_source(ctx: UnitContext, source: Source = source,
-                                     key: str = key) -> None:
-                    await source.run(replace(
-                        base, stopping=ctx.stopping, unit=key, fence=ctx.fence,
-                        lease=ctx.lease, previous_end_ago=ctx.previous_end_ago))
+                name = f"source:{source.name}" + (f":{key}" if key else "")
 
-                units.append(Unit(f"source:{source.name}" + (f":{key}" if key else ""),
-                                  run_source))
+                async def run_source(ctx: UnitContext, source: Source = source,
+                                     key: str = key, name: str = name) -> None:
+                    self._units_running[source.name] += 1
+                    try:
+                        await source.run(replace(
+                            base, stopping=ctx.stopping, unit=key, fence=ctx.fence,
+                            lease=ctx.lease, previous_end_ago=ctx.previous_end_ago,
+                            health=UnitHealth(base.health, self._health_owners, name)))
+                    finally:
+                        self._units_running[source.name] -= 1
+                        if not self._units_running[source.name]:
+                            # Its gauges (last success, data age, ...) would go stale here
+                            # while another relay runs it, and fire alerts for this one.
+                            metrics.forget_source(source.name)
+
+                units.append(Unit(name, run_source))
         for runner in self.runners:
             async def run_sink(ctx: UnitContext, runner: SinkRunner = runner) -> None:
                 await runner.run(ctx.stopping, fence=ctx.fence)

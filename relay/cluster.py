@@ -123,6 +123,10 @@ class Cluster:
     def _rank(self, unit: str) -> str:
         return hashlib.sha256(f"{self.member}/{unit}".encode()).hexdigest()
 
+    def running(self) -> set[str]:
+        """The units running here: held, or handed over and finishing their batch."""
+        return {*self.held, *self.leaving}
+
     def share(self) -> int:
         return math.ceil(len(self.units) / max(1, self.live_members))
 

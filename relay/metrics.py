@@ -6,6 +6,7 @@ Names follow ``relay_<noun>_<unit>``; labels are low-cardinality only
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import threading
 from bisect import bisect_left
@@ -321,6 +322,30 @@ def init_sink(sink: str) -> None:
         SINK_ATTEMPTS.labels(sink, outcome)
     SINK_PENDING.labels(sink).set(0)
     SINK_OLDEST_PENDING_AGE.labels(sink).set(0)
+
+def _remove_where(gauge: Gauge, first_label: str) -> None:
+    for family in gauge.collect():
+        for sample in family.samples:
+            values = tuple(sample.labels.values())
+            if values and values[0] == first_label:
+                with contextlib.suppress(KeyError):  # removed meanwhile
+                    gauge.remove(*values)
+
+
+def forget_source(source: str) -> None:
+    """Drop the gauges describing a source's state: none of its units runs here any more.
+
+    Counters stay (an idle counter alerts nobody); a gauge would keep its last value.
+    """
+    for gauge in (SOURCE_DATA_AGE, SOURCE_LAST_SUCCESS, SOURCE_RETENTION, SOURCE_CONFIG_ERROR,
+                  SOURCE_CLOCK_SKEW):
+        _remove_where(gauge, source)
+
+
+def forget_sink(sink: str) -> None:
+    """Drop the gauges describing a sink's state: it is not delivering from here any more."""
+    for gauge in (SINK_UP, SINK_PENDING, SINK_OLDEST_PENDING_AGE):
+        _remove_where(gauge, sink)
 
 # -- evacuation (relay evacuate) ---------------------------------------------
 EVACUATION_EXPORTED = Gauge(

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from relay.emulators.leancloud import LeanCloudEmulator
@@ -217,3 +219,99 @@ def test_postgres_stopped_for_30_seconds_loses_nothing(
                 replica.stop()
     assert rc.snapshot()["over_budget"] == 0
     assert lc.snapshot()["rate_limited"] == 0
+
+
+def members_of(dsn: str) -> list[str]:
+    async def query() -> list[str]:
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            return [r["member"] for r in await conn.fetch("SELECT member FROM relay.members")]
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> tuple[bool, dict[str, str], str]:
+    """``/readyz`` (ready, checks) and ``/metrics`` of a replica."""
+    ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return ready["ready"], ready["checks"], text
+
+
+def test_every_replica_is_ready_and_exports_only_the_units_it_runs(
+        tmp_path: Path, postgres_dsn: str) -> None:
+    """What the Deployment's probes, PodDisruptionBudget and per-instance alerts rely on.
+
+    A replica that runs none of a source's or sink's units is a healthy standby: ready
+    (else a rolling update with maxUnavailable 0 never ends, and the PodDisruptionBudget
+    blocks every drain), and it exports no state for them (else a stale last-success time
+    or sink_up 0 of a unit handed over fires alerts for an instance that no longer runs it).
+    """
+    rc = RongCloudEmulator("rc-key", "rc-secret", budget=10, seed=86)
+    ports = [free_port() for _ in range(3)]
+    members = [f"r{i}" for i in range(3)]
+    with serving(rc) as (_rc_loop, rc_server), \
+            receiving(seed=87) as (_receiver, hook_url, _hook_loop):
+        replicas = []
+        for member, port in zip(members, ports, strict=True):
+            directory = tmp_path / member
+            directory.mkdir()
+            config = write_config(
+                directory,
+                journal={"type": "postgres", "dsn": postgres_dsn},
+                cluster={"lease_ttl": f"{TTL}s", "member": member},
+                metrics={"enabled": True, "listen": f"127.0.0.1:{port}"},
+                sources={"rc": {"type": "rongcloud", "app_key": "rc-key",
+                                "app_secret": "rc-secret", "base_urls": rc_server.urls,
+                                "idle_interval": "200ms", "request_deadline": "2s"}},
+                sinks={"hook": {"type": "webhook", "url": hook_url, "secret": SECRET}},
+                shutdown_grace="5s")
+            replicas.append(RelayProcess(config, directory / "relay.log"))
+
+        def holders() -> Counter[str | None]:
+            return Counter(h for h, _ in leases(postgres_dsn).values())
+
+        try:
+            # Alone, the first replica runs both units.
+            replicas[0].start()
+            wait_for(lambda: holders() == {"r0": 2}, timeout=60, message="r0 holding both")
+            wait_for(lambda: scrape(ports[0])[0], timeout=30, message="r0 ready")
+            text = scrape(ports[0])[2]
+            assert 'relay_source_last_success_timestamp_seconds{endpoint="person",source="rc"}' \
+                in text
+            assert 'relay_sink_up{sink="hook"}' in text
+            # A second replica joins: one unit moves to it. A third finds nothing to take.
+            replicas[1].start()
+            wait_for(lambda: holders() == {"r0": 1, "r1": 1}, timeout=60,
+                     message="one unit each")
+            replicas[2].start()
+            wait_for(lambda: len(list(members_of(postgres_dsn))) == 3, timeout=60,
+                     message="r2 a member")
+            held = {h: u for u, (h, _) in leases(postgres_dsn).items()}
+            assert "r2" not in held
+            for member, port in zip(members, ports, strict=True):
+                runs = held.get(member)
+                wait_for(lambda port=port: scrape(port)[0], timeout=30,
+                         message=f"{member} ready while it runs {runs or 'nothing'}")
+                _, checks, text = scrape(port)
+                source_here, sink_here = runs == "source:rc", runs == "sink:hook"
+                for family in ("relay_source_last_success_timestamp_seconds",
+                               "relay_source_retention_seconds", "relay_source_config_error"):
+                    assert (f"{family}{{" in text) == source_here, (member, family)
+                for family in ("relay_sink_up", "relay_sink_oldest_pending_age_seconds",
+                               "relay_sink_pending_events"):
+                    assert (f"{family}{{" in text) == sink_here, (member, family)
+                assert (checks["sink hook"] == "standby") != sink_here, (member, checks)
+                if not source_here:
+                    assert all(state == "standby" for key, state in checks.items()
+                               if key.startswith("source rc/")), (member, checks)
+        finally:
+            for replica in replicas:
+                replica.stop()

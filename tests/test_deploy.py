@@ -8,6 +8,11 @@
   ``deploy/prometheus/alerts.yml``; the kustomization ships no Secret (it would
   overwrite the one created out of band); the examples (the Secret's shape, the
   ``relay erase`` Job) validate and fit the StatefulSet.
+- ``deploy/kubernetes/cluster``: the Deployment variant (replicas on a PostgreSQL
+  journal) validates, builds alone, mirrors the StatefulSet's Service, monitoring and
+  hardening, takes its DSN from a Secret file and its member name from the pod; its
+  ConfigMap runs as three pods on a real PostgreSQL and Kafka through a rolling step;
+  its ``relay journal copy`` Job moves a real SQLite journal the pods then read.
 - ``Dockerfile``: the ``docker`` commands of its header fit the image (port, volume,
   config path, a stop timeout above the shutdown grace; erase with the relay stopped).
 - ``deploy/prometheus``: ``promtool check rules / test rules / check config``,
@@ -21,6 +26,7 @@ elsewhere they are skipped with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -37,6 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import jsonschema  # type: ignore[import-untyped]  # via kubernetes-validate
@@ -46,15 +53,21 @@ import yaml  # type: ignore[import-untyped]  # PyYAML, via kubernetes-validate
 
 from relay.config import RelayConfig, config_json_schema, load_config
 from relay.config_base import parse_duration
+from relay.emulators.rongcloud import RongCloudEmulator, message_key
 from tests.support.configs import file_sink, rongcloud_source, write_config
+from tests.support.emulators import serving
+from tests.support.kafka_broker import KafkaBroker
+from tests.support.kafka_read import consume
 from tests.support.prometheus_tools import PrometheusToolsUnavailable, ensure_prometheus
 from tests.support.relay_process import RelayProcess, wait_for
+from tests.test_journal_copy import fill_sqlite
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 SYSTEMD_UNIT = DEPLOY / "systemd" / "im-relay.service"
 K8S = DEPLOY / "kubernetes"
 K8S_EXAMPLES = K8S / "examples"
+CLUSTER = K8S / "cluster"  # the Deployment variant: replicas on a PostgreSQL journal
 ERASE_JOB = K8S_EXAMPLES / "erase-job.yaml"
 USER_PLACEHOLDER = "REPLACE-WITH-THE-USER-ID"
 PROM = DEPLOY / "prometheus"
@@ -136,29 +149,29 @@ def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]
 
 
-def kustomize_resources() -> list[Path]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    return [K8S / name for name in kustomization["resources"]]
+def kustomize_resources(root: Path = K8S) -> list[Path]:
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    return [root / name for name in kustomization["resources"]]
 
 
-def all_manifests() -> list[dict[str, Any]]:
-    return [doc for path in kustomize_resources() for doc in load_yaml_documents(path)]
+def all_manifests(root: Path = K8S) -> list[dict[str, Any]]:
+    return [doc for path in kustomize_resources(root) for doc in load_yaml_documents(path)]
 
 
-def manifest(kind: str) -> dict[str, Any]:
-    found = [doc for doc in all_manifests() if doc["kind"] == kind]
+def manifest(kind: str, root: Path = K8S) -> dict[str, Any]:
+    found = [doc for doc in all_manifests(root) if doc["kind"] == kind]
     assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"
     return found[0]
 
 
-def example_manifests() -> list[dict[str, Any]]:
-    """``deploy/kubernetes/examples``: applied by hand, never by the kustomization."""
-    return [doc for path in sorted(K8S_EXAMPLES.glob("*.yaml"))
+def example_manifests(root: Path = K8S) -> list[dict[str, Any]]:
+    """``examples/`` of a variant: applied by hand, never by the kustomization."""
+    return [doc for path in sorted((root / "examples").glob("*.yaml"))
             for doc in load_yaml_documents(path)]
 
 
-def example(kind: str) -> dict[str, Any]:
-    found = [doc for doc in example_manifests() if doc["kind"] == kind]
+def example(kind: str, root: Path = K8S) -> dict[str, Any]:
+    found = [doc for doc in example_manifests(root) if doc["kind"] == kind]
     assert len(found) == 1, f"expected exactly one example {kind}, found {len(found)}"
     return found[0]
 
@@ -178,13 +191,13 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container.get("env", [])}
 
 
-def namespace() -> str:
-    name: str = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+def namespace(root: Path = K8S) -> str:
+    name: str = yaml.safe_load((root / "kustomization.yaml").read_text())["namespace"]
     return name
 
 
-def configmap_toml() -> dict[str, Any]:
-    return tomllib.loads(manifest("ConfigMap")["data"]["relay.toml"])
+def configmap_toml(root: Path = K8S) -> dict[str, Any]:
+    return tomllib.loads(manifest("ConfigMap", root)["data"]["relay.toml"])
 
 
 # -- systemd ----------------------------------------------------------------------------
@@ -724,6 +737,538 @@ def test_monitoring_resources() -> None:
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     alerts = yaml.safe_load((PROM / "alerts.yml").read_text())
     assert rule["spec"] == alerts, "prometheusrule.yaml differs from deploy/prometheus/alerts.yml"
+
+
+# -- Kubernetes: the Deployment variant (replicas on a PostgreSQL journal) -----------------
+
+CLUSTER_KINDS = {"Namespace", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
+                 "ServiceMonitor", "PrometheusRule"}
+# Shared with the StatefulSet variant, file for file: one Service (the job label the alerts
+# expect), one scrape config, one set of alerts.
+MIRRORED = ("namespace.yaml", "service.yaml", "servicemonitor.yaml", "prometheusrule.yaml")
+POD_NAME = "im-relay-7d9c6b5f4-x2x7q"  # what metadata.name looks like for a Deployment's pod
+
+
+def deployment() -> dict[str, Any]:
+    return manifest("Deployment", CLUSTER)
+
+
+def cluster_container() -> dict[str, Any]:
+    return only_container(deployment()["spec"]["template"])
+
+
+def cluster_pod_labels() -> dict[str, str]:
+    labels: dict[str, str] = deployment()["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, "only matchLabels selectors are checked here"
+    return bool(selector["matchLabels"].items() <= labels.items())
+
+
+def cluster_env(container: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """A container's environment: plain values, and ``valueFrom`` sources."""
+    values = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    sources = {e["name"]: e["valueFrom"] for e in container.get("env", []) if "valueFrom" in e}
+    return values, sources
+
+
+def pod_environment(container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """The variables the kubelet would set: the Downward API's metadata.name as ``pod_name``."""
+    values, sources = cluster_env(container)
+    for name, source in sources.items():
+        assert source == {"fieldRef": {"fieldPath": "metadata.name"}}, (name, source)
+        values[name] = pod_name
+    return values
+
+
+def test_cluster_kustomization_lists_every_manifest() -> None:
+    listed = {path.name for path in kustomize_resources(CLUSTER)}
+    present = {path.name for path in CLUSTER.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    assert {doc["kind"] for doc in all_manifests(CLUSTER)} == CLUSTER_KINDS
+    assert namespace(CLUSTER) == namespace()
+
+
+def test_cluster_kustomization_ships_no_secret_and_builds_on_its_own(tmp_path: Path) -> None:
+    kustomization = yaml.safe_load((CLUSTER / "kustomization.yaml").read_text())
+    assert not kustomization.get("secretGenerator"), "a secretGenerator overwrites the Secret"
+    assert "Secret" not in {doc["kind"] for doc in all_manifests(CLUSTER)}
+    # Nothing from outside its folder (kustomize refuses that by default anyway).
+    for name in kustomization["resources"]:
+        assert (CLUSTER / name).resolve().parent == CLUSTER.resolve(), name
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    # A copy of the folder alone renders: `kubectl apply -k deploy/kubernetes/cluster` works
+    # without the rest of the repository.
+    alone = tmp_path / "cluster"
+    shutil.copytree(CLUSTER, alone)
+    result = run([kubectl, "kustomize", alone])
+    assert result.returncode == 0, describe(result)
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(doc["kind"] for doc in rendered) == sorted(
+        doc["kind"] for doc in all_manifests(CLUSTER))
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "im-relay", doc["kind"]
+        if doc["kind"] not in MONITORING_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_cluster_manifests_match_the_schemas(version: str) -> None:
+    checked = []
+    for doc in all_manifests(CLUSTER):
+        if doc["kind"] in MONITORING_KINDS:
+            continue  # CRDs: no schema offline; they equal the StatefulSet variant's
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}):"
+                        f" {exc.message}", pytrace=False)
+        checked.append(doc["kind"])
+    assert sorted(checked) == ["ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget",
+                               "Service"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_cluster_examples_match_the_schemas(version: str) -> None:
+    kinds = []
+    for doc in example_manifests(CLUSTER):
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"example {doc['kind']} {doc['metadata']['name']} (Kubernetes {version}):"
+                        f" {exc.message}", pytrace=False)
+        assert doc["metadata"]["namespace"] == namespace(CLUSTER), doc["kind"]
+        kinds.append(doc["kind"])
+    assert sorted(kinds) == ["Job", "Secret"]
+
+
+def test_cluster_validation_is_not_toothless() -> None:
+    pdb = manifest("PodDisruptionBudget", CLUSTER)
+    pdb["spec"]["maxUnavailabel"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pdb, K8S_VERSIONS[0], strict=True)
+    spread = deployment()
+    spread["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["maxSkew"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(spread, K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("name", MIRRORED)
+def test_cluster_mirrors_the_statefulsets_service_monitoring_and_namespace(name: str) -> None:
+    """The same objects (comments aside): switching variants changes no scrape or alert."""
+    assert load_yaml_documents(CLUSTER / name) == load_yaml_documents(K8S / name)
+    if name == "prometheusrule.yaml":
+        assert load_yaml_documents(CLUSTER / name)[0]["spec"] == yaml.safe_load(
+            (PROM / "alerts.yml").read_text())
+
+
+def test_deployment_runs_three_replicas_without_a_volume() -> None:
+    spec = deployment()["spec"]
+    assert spec["replicas"] == 3
+    assert "volumeClaimTemplates" not in spec
+    assert not [doc for doc in all_manifests(CLUSTER) if doc["kind"] == "PersistentVolumeClaim"]
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    # Configuration, secrets and a scratch /tmp: nothing that outlives the pod.
+    kinds = {name: (set(volume) - {"name"}).pop() for name, volume in volumes.items()}
+    assert kinds == {"config": "configMap", "secrets": "secret", "tmp": "emptyDir"}
+    mounts = {m["name"]: m["mountPath"] for m in cluster_container()["volumeMounts"]}
+    assert mounts["tmp"] == "/tmp"
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "64Mi"}
+    # No SQLite path anywhere: with type = "postgres" the relay refuses one (exit 2).
+    values, _ = cluster_env(cluster_container())
+    assert "RELAY_JOURNAL__PATH" not in values
+    assert "path" not in configmap_toml(CLUSTER)["journal"]
+
+
+def test_deployment_rolls_one_pod_at_a_time_and_spreads_over_nodes() -> None:
+    spec = deployment()["spec"]
+    # A surge is safe: leases decide who runs what, and an old pod goes once the new is ready.
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    pod = spec["template"]["spec"]
+    labels = cluster_pod_labels()
+    assert selects(spec["selector"], labels)
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert "kubernetes.io/hostname" in spread, "replicas are not spread over nodes"
+    for constraint in spread.values():
+        assert constraint["maxSkew"] == 1
+        assert selects(constraint["labelSelector"], labels)
+        # Each revision spreads on its own during a rolling update.
+        assert constraint["matchLabelKeys"] == ["pod-template-hash"]
+
+
+def test_pdb_takes_one_of_the_deployments_pods_at_a_time() -> None:
+    pdb = manifest("PodDisruptionBudget", CLUSTER)
+    spec = pdb["spec"]
+    assert spec["maxUnavailable"] == 1
+    assert "minAvailable" not in spec
+    assert spec["selector"] == deployment()["spec"]["selector"]
+    assert selects(spec["selector"], cluster_pod_labels())
+    # Not the one-off copy Job's pod.
+    job_labels = example("Job", CLUSTER)["spec"]["template"]["metadata"]["labels"]
+    assert not selects(spec["selector"], job_labels)
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_deployment_is_hardened_and_probed_as_the_statefulset() -> None:
+    """Same pod, same container, but for the journal's volume and path and the member."""
+    pod = deployment()["spec"]["template"]["spec"]
+    sts_pod = manifest("StatefulSet")["spec"]["template"]["spec"]
+    for key in ("securityContext", "automountServiceAccountToken", "enableServiceLinks",
+                "terminationGracePeriodSeconds"):
+        assert pod[key] == sts_pod[key], key
+    assert pod["automountServiceAccountToken"] is False
+    container, relay = cluster_container(), relay_container()
+    for key in ("image", "imagePullPolicy", "args", "ports", "startupProbe", "livenessProbe",
+                "readinessProbe", "resources", "securityContext"):
+        assert container[key] == relay[key], key
+    values, _ = cluster_env(container)
+    assert values == {k: v for k, v in container_env(relay).items()
+                      if k != "RELAY_JOURNAL__PATH"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    relay_mounts = {m["name"]: m for m in relay["volumeMounts"]}
+    assert set(mounts) == set(relay_mounts) - {"journal"}
+    for name in mounts:
+        assert mounts[name] == relay_mounts[name], name
+    # The probes, the Service and the ServiceMonitor meet on the metrics port.
+    service = manifest("Service", CLUSTER)
+    assert selects({"matchLabels": service["spec"]["selector"]}, cluster_pod_labels())
+    port = int(values["RELAY_METRICS__LISTEN"].rpartition(":")[2])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": port}
+    assert service["spec"]["ports"][0]["port"] == port
+    # The config file the relay reads is this variant's ConfigMap.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    configmap = manifest("ConfigMap", CLUSTER)
+    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    args = container["args"]
+    config_file = Path(args[args.index("--config") + 1])
+    assert config_file.parent == Path(mounts["config"]["mountPath"])
+    assert config_file.name in configmap["data"]
+    # Its own ConfigMap and Secret: the StatefulSet's stay as they are (a way back).
+    assert configmap["metadata"]["name"] != manifest("ConfigMap")["metadata"]["name"]
+    assert volumes["secrets"]["secret"]["secretName"] != \
+        example("Secret")["metadata"]["name"]
+
+
+def test_deployment_outlasts_the_shutdown_grace() -> None:
+    grace = deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    configured = parse_duration(configmap_toml(CLUSTER).get("shutdown_grace",
+                                                            DEFAULT_SHUTDOWN_GRACE))
+    assert grace >= max(configured, DEFAULT_SHUTDOWN_GRACE) + 10
+    # A pod killed at the end of its grace holds its leases until they expire: the longest
+    # a unit can then wait for a new holder is lease_ttl (plus a tick), far below retention.
+    lease_ttl = parse_duration(configmap_toml(CLUSTER)["cluster"]["lease_ttl"])
+    assert lease_ttl + 1 < 60
+
+
+def test_member_is_the_pod_name() -> None:
+    _, sources = cluster_env(cluster_container())
+    assert sources == {"RELAY_CLUSTER__MEMBER": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    # Not in the ConfigMap: every replica reads the same file, and one member name shared
+    # by all of them would make them one member.
+    assert "member" not in configmap_toml(CLUSTER).get("cluster", {})
+
+
+def cluster_secret_files() -> dict[str, str]:
+    """Every ``*_file`` path of the ConfigMap's relay.toml (the journal's too) -> its key."""
+    config = configmap_toml(CLUSTER)
+    paths = [config["journal"]["dsn_file"], *secret_file_keys(config).values()]
+    return {path: Path(path).name for path in paths}
+
+
+def test_the_dsn_comes_from_the_secret_as_a_file_only() -> None:
+    journal = configmap_toml(CLUSTER)["journal"]
+    assert journal["type"] == "postgres"
+    assert "dsn" not in journal, "the DSN (with its password) in the ConfigMap"
+    container = cluster_container()
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    secret = example("Secret", CLUSTER)
+    volumes = {v["name"]: v for v in deployment()["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["secrets"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volumes["secrets"]["secret"]["defaultMode"] == 0o440
+    assert mounts["secrets"]["readOnly"] is True
+    for path, key in cluster_secret_files().items():
+        assert Path(path).parent == Path(mounts["secrets"]["mountPath"]), path
+        assert key in secret["stringData"], key
+    assert secret["stringData"]["journal_dsn"].startswith("postgresql://")
+    assert all("REPLACE-WITH-" in value for value in secret["stringData"].values())
+    # Nothing secret in the environment (no value at all but the two above) or the ConfigMap.
+    values, sources = cluster_env(container)
+    assert set(values) | set(sources) == {"RELAY_CLUSTER__MEMBER", "RELAY_METRICS__LISTEN"}
+    for entry in container.get("envFrom", []) + [s for s in sources.values()]:
+        assert "secretKeyRef" not in entry, entry
+        assert "secretRef" not in entry, entry
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    assert not [v for v in strings(configmap_toml(CLUSTER))
+                if v.startswith(("postgres://", "postgresql://"))]
+
+
+def test_cluster_secret_example_is_outside_the_kustomization_and_its_creation_is_documented(
+        ) -> None:
+    secret = example("Secret", CLUSTER)
+    name = secret["metadata"]["name"]
+    assert not {path.resolve() for path in kustomize_resources(CLUSTER)} & {
+        path.resolve() for path in (CLUSTER / "examples").glob("*.yaml")}
+    create = re.compile(rf"kubectl -n {re.escape(namespace(CLUSTER))} create secret generic "
+                        rf"{re.escape(name)}((?: --from-file=\w+=\S+)+)")
+    needed = set(cluster_secret_files().values())
+    for where in (CLUSTER / "kustomization.yaml", CLUSTER / "examples" / "journal-copy-job.yaml",
+                  REPO / "README.md"):
+        text = re.sub(r"\s*\\\n\s*#?\s*", " ", where.read_text())  # join continued lines
+        commands = create.findall(text)
+        assert commands, f"{where.name} does not show `kubectl create secret generic {name}`"
+        for options in commands:
+            keys = set(re.findall(r"--from-file=(\w+)=", options))
+            assert keys == needed, f"{where.name}: creates {keys}, relay.toml needs {needed}"
+
+
+def load_cluster_config(directory: Path, monkeypatch: pytest.MonkeyPatch,
+                        dsn: str | None = None) -> tuple[Path, dict[str, str]]:
+    """The ConfigMap's relay.toml as a pod reads it: the Deployment's environment, and the
+    example Secret's values (``dsn`` for its journal_dsn) as files under ``directory``.
+    Returns the config file and the environment set."""
+    config_file = directory / "relay.toml"
+    config_file.write_text(manifest("ConfigMap", CLUSTER)["data"]["relay.toml"])
+    env = pod_environment(cluster_container(), POD_NAME)
+    secrets = dict(example("Secret", CLUSTER)["stringData"])
+    if dsn is not None:
+        secrets["journal_dsn"] = dsn
+    config = configmap_toml(CLUSTER)
+    local_files = {}
+    for path, key in cluster_secret_files().items():
+        local = directory / key
+        local.write_text(secrets[key] + "\n")
+        local_files[path] = str(local)
+    env["RELAY_JOURNAL__DSN_FILE"] = local_files[config["journal"]["dsn_file"]]
+    for (section, name, key), path in secret_file_keys(config).items():
+        env[f"RELAY_{section}__{name}__{key}".upper()] = local_files[path]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return config_file, env
+
+
+def test_cluster_configmap_relay_toml_is_a_valid_relay_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_file, _ = load_cluster_config(tmp_path, monkeypatch)
+    config = load_config(config_file)
+    secrets = example("Secret", CLUSTER)["stringData"]
+    assert config.journal.type == "postgres"
+    assert config.journal.dsn is not None
+    assert config.journal.dsn.get_secret_value() == secrets["journal_dsn"]
+    assert config.journal.schema_name == configmap_toml(CLUSTER)["journal"]["schema"]
+    assert "REPLACE-WITH-THE-PASSWORD" not in config.journal.describe()
+    assert config.cluster.member == POD_NAME
+    assert config.cluster.lease_ttl == parse_duration(
+        configmap_toml(CLUSTER)["cluster"]["lease_ttl"])
+    assert config.metrics.listen == "0.0.0.0:9464"
+    assert config.journal.max_bytes is not None
+    # The password and the RongCloud secret are redacted wherever they would show.
+    found = config.secret_values()
+    assert "REPLACE-WITH-THE-PASSWORD" in found
+    assert secrets["rongcloud_app_secret"] in found
+    # Pods have no volume: no sink may write into the pod.
+    assert config.sinks
+    assert all(sink.type != "file" for sink in config.sinks.values())
+
+
+def test_cluster_configmap_relay_toml_matches_the_config_schema() -> None:
+    validator = jsonschema.Draft202012Validator(config_json_schema())
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in validator.iter_errors(configmap_toml(CLUSTER))]
+    assert not problems, "\n".join(problems)
+
+
+def journal_copy_job() -> dict[str, Any]:
+    return example("Job", CLUSTER)
+
+
+def test_journal_copy_job_reads_the_statefulsets_journal_into_the_deployments() -> None:
+    job = journal_copy_job()
+    pod = job["spec"]["template"]["spec"]
+    container = only_container(job["spec"]["template"])
+    sts = manifest("StatefulSet")
+    (template,) = sts["spec"]["volumeClaimTemplates"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    claim = f"{template['metadata']['name']}-{sts['metadata']['name']}-0"
+    journal_volume = next(name for name, v in volumes.items() if "persistentVolumeClaim" in v)
+    assert volumes[journal_volume]["persistentVolumeClaim"] == {"claimName": claim}
+    relay_mounts = {m["name"]: m for m in relay_container()["volumeMounts"]}
+    assert mounts[journal_volume]["mountPath"] == relay_mounts["journal"]["mountPath"]
+    assert not mounts[journal_volume].get("readOnly"), "the copy opens the journal as its writer"
+    # From the StatefulSet's journal file, to the DSN of the Deployment's Secret (as a file).
+    assert container["command"] == ["relay", "journal", "copy"]
+    args = container["args"]
+    assert args[args.index("--from") + 1] == \
+        f"sqlite:{container_env(relay_container())['RELAY_JOURNAL__PATH']}"
+    assert "--to" not in args, "a DSN on the command line shows in the process list"
+    deployment_volumes = {v["name"]: v for v in deployment()["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["secrets"] == deployment_volumes["secrets"]
+    assert mounts["secrets"] == {m["name"]: m for m in cluster_container()["volumeMounts"]}[
+        "secrets"]
+    assert args[args.index("--to-dsn-file") + 1] == configmap_toml(CLUSTER)["journal"]["dsn_file"]
+    assert args[args.index("--schema") + 1] == configmap_toml(CLUSTER)["journal"]["schema"]
+    assert "--replace-target" not in args
+    assert container["image"] == cluster_container()["image"]
+    assert pod["securityContext"] == deployment()["spec"]["template"]["spec"]["securityContext"]
+    assert container["securityContext"] == cluster_container()["securityContext"]
+    assert pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 0
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not selects({"matchLabels": manifest("Service", CLUSTER)["spec"]["selector"]}, labels)
+    assert not selects(deployment()["spec"]["selector"], labels)
+    assert not selects(sts["spec"]["selector"], labels)
+
+
+def test_journal_copy_job_command_moves_a_journal_the_replicas_then_read(
+        tmp_path: Path, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Job's command line, run for real on a used SQLite journal (paths moved under
+    ``tmp_path``); then `relay status` with the Deployment's relay.toml, as a pod would,
+    sees everything that was copied."""
+    sqlite_path = tmp_path / "relay.db"
+    asyncio.run(fill_sqlite(sqlite_path))
+    config_file, env = load_cluster_config(tmp_path, monkeypatch, dsn=postgres_dsn)
+    container = only_container(journal_copy_job()["spec"]["template"])
+    args = list(container["args"])
+    args[args.index("--from") + 1] = f"sqlite:{sqlite_path}"
+    args[args.index("--to-dsn-file") + 1] = env["RELAY_JOURNAL__DSN_FILE"]
+    command = container["command"]
+    assert command[0] == "relay"
+
+    def relay(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", *arguments], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, **env}, check=False)
+
+    copied = relay(*command[1:], *args)
+    assert copied.returncode == 0, copied.stdout + copied.stderr
+    assert "events             1200 in the source,      1200 new" in copied.stdout
+    password = urlsplit(postgres_dsn).password
+    assert password
+    assert password not in copied.stdout + copied.stderr
+    status = relay("status", "--json", "--config", str(config_file))
+    assert status.returncode == 0, status.stdout + status.stderr
+    shown = json.loads(status.stdout)
+    assert shown["events"] == 1200, shown
+    assert {s["sink"] for s in shown["sinks"]} == {"file", "hook"}
+    assert shown["path"].startswith("postgresql://"), shown["path"]
+    assert password not in status.stdout + status.stderr
+    # Again: harmless, nothing new.
+    again = relay(*command[1:], *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already held a copy of this journal" in again.stdout
+
+
+@pytest.mark.kafka
+def test_deployment_replicas_share_the_work_and_roll_one_at_a_time(
+        tmp_path: Path, postgres_dsn: str, kafka_broker: KafkaBroker, kafka_topic: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three pods as the Deployment runs them: the ConfigMap's relay.toml, the pod's
+    environment (member = pod name), the DSN from the Secret's file; against a real
+    PostgreSQL, a RongCloud emulator and a real Kafka broker (their addresses overriding
+    the ConfigMap's). Every pod becomes ready (the readiness probe), `relay status` lists
+    the pods, the messages reach Kafka; then a rolling update's step: a fourth pod joins,
+    becomes ready, an old one gets SIGTERM and exits within the grace period, and the
+    three left are ready and deliver what comes next."""
+    config_file, env = load_cluster_config(tmp_path, monkeypatch, dsn=postgres_dsn)
+    config = configmap_toml(CLUSTER)
+    secrets = example("Secret", CLUSTER)["stringData"]
+    rc = RongCloudEmulator(config["sources"]["rc"]["app_key"], secrets["rongcloud_app_secret"],
+                           batch_size=100, budget=10, seed=91)
+    (sink,) = config["sinks"]
+    readiness = cluster_container()["readinessProbe"]["httpGet"]
+    grace = deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    pods: dict[str, tuple[RelayProcess, int]] = {}
+
+    def start(name: str) -> None:
+        port = free_port()
+        pod_env = {**env, "RELAY_CLUSTER__MEMBER": name,
+                   "RELAY_METRICS__LISTEN": f"127.0.0.1:{port}",
+                   "RELAY_SOURCES__RC__BASE_URLS": json.dumps(rc_server.urls),
+                   f"RELAY_SINKS__{sink.upper()}__BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
+                   f"RELAY_SINKS__{sink.upper()}__TOPIC": kafka_topic}
+        pods[name] = (RelayProcess(config_file, tmp_path / f"{name}.log", env=pod_env).start(),
+                      port)
+
+    def ready(name: str) -> bool:
+        process, port = pods[name]
+        assert process.running(), process.log_text()
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}{readiness['path']}",
+                             timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def status() -> dict[str, Any]:
+        shown = subprocess.run([sys.executable, "-m", "relay", "status", "--json", "--config",
+                                str(config_file)], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, **env}, check=False)
+        assert shown.returncode == 0, shown.stderr
+        result: dict[str, Any] = json.loads(shown.stdout)
+        return result
+
+    def spread_over(names: set[str]) -> bool:
+        shown = status()
+        members = {m["member"] for m in shown["members"]}
+        holders = {lease["holder"] for lease in shown["leases"]}
+        return members == names and len(shown["leases"]) == 2 and holders <= names \
+            and len(holders) == 2
+
+    def delivered(expected: set[str]) -> bool:
+        records = consume(kafka_broker.bootstrap, kafka_topic, len(expected), timeout=10)
+        return {message_key(json.loads(r.value)["native"]) for r in records} >= expected
+
+    first = [f"im-relay-7d9c6b5f4-{suffix}" for suffix in ("x2x7q", "b8kzt", "m4wfn")]
+    with serving(rc) as (rc_loop, rc_server):
+        try:
+            for name in first:
+                start(name)
+            for name in first:
+                wait_for(lambda name=name: ready(name), 60, interval=0.5,
+                         message=f"pod {name} ready")
+            # Two units (the RongCloud source, the Kafka sink) over three pods.
+            wait_for(lambda: spread_over(set(first)), 60, interval=0.5,
+                     message="relay status listing the pods, two of them holding a unit")
+            expected = set(rc_loop.call(lambda: rc.generate(300)))
+            wait_for(lambda: delivered(expected), 60, interval=1,
+                     message="the first messages in Kafka")
+
+            # A rolling update's step: surge one, then stop an old one holding a unit.
+            new = "im-relay-5f8d4c7b9-q7r2s"
+            start(new)
+            wait_for(lambda: ready(new), 60, interval=0.5, message="the new pod ready")
+            holder = next(lease["holder"] for lease in status()["leases"]
+                          if lease["holder"] in first)
+            process, _ = pods.pop(holder)
+            stopped_at = time.monotonic()
+            assert process.terminate(timeout=grace) == 0, process.log_text()
+            assert time.monotonic() - stopped_at < grace
+            left = (set(first) - {holder}) | {new}
+            wait_for(lambda: spread_over(left), 30, interval=0.5,
+                     message="the leases on the three pods left")
+            for name in left:
+                assert ready(name), name
+            more = set(rc_loop.call(lambda: rc.generate(300)))
+            wait_for(lambda: delivered(expected | more), 60, interval=1,
+                     message="the messages after the rolling step in Kafka")
+        finally:
+            for process, _ in pods.values():
+                process.stop()
+    assert rc.snapshot()["over_budget"] == 0
 
 
 # -- Prometheus rules -------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
 from relay.cli import main
-from relay.config import JournalConfig, LogConfig, MetricsConfig, RelayConfig
+from relay.config import ClusterConfig, JournalConfig, LogConfig, MetricsConfig, RelayConfig
 from relay.emulators.leancloud import LeanCloudEmulator
 from relay.emulators.rongcloud import RongCloudEmulator
 from relay.emulators.wukongim import WuKongIMEmulator
@@ -160,7 +160,8 @@ def test_every_top_level_setting_is_in_the_first_table() -> None:
     configuration = section("Configuration")
     documented = table_keys(configuration[:configuration.index("\n**")])
     expected = {f"{prefix}.{key}" for prefix, model in (
-        ("journal", JournalConfig), ("metrics", MetricsConfig), ("log", LogConfig))
+        ("journal", JournalConfig), ("cluster", ClusterConfig), ("metrics", MetricsConfig),
+        ("log", LogConfig))
         for key in settings(model)}
     expected |= {name for name, field in RelayConfig.model_fields.items()
                  if not isinstance(field.annotation, type)
@@ -185,6 +186,7 @@ def test_documented_defaults_of_the_shared_and_top_level_tables() -> None:
     wrong = (check_defaults(block("**Every source**", configuration), HttpSourceConfig)
              + check_defaults(block("**Every sink**", configuration), SinkConfig)
              + check_defaults(top, JournalConfig, "journal.")
+             + check_defaults(top, ClusterConfig, "cluster.")
              + check_defaults(top, MetricsConfig, "metrics.")
              + check_defaults(top, LogConfig, "log.")
              + check_defaults(top, RelayConfig))

@@ -91,15 +91,20 @@ class SinkRunner:
         metrics.init_sink(self.name)
         self._stopping = stopping
         try:
-            if await self._start(stopping):
-                await self._loop(stopping)
+            try:
+                if await self._start(stopping):
+                    await self._loop(stopping)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.sink.close()
+            if self.health.state == "fenced":
+                # Stays stopped, and says so, until the relay stops (or, with replicas, the
+                # sink's lease is found to have moved): started again it would fence back.
+                await stopping.wait()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.sink.close()
-        if self.health.state == "fenced":
-            # Stays stopped, and says so, until the relay stops (or, with replicas, the
-            # sink's lease is found to have moved): started again it would fence back.
-            await stopping.wait()
+            # Handed over (or stopping): its lag and up gauges would go stale here while
+            # another relay delivers, and fire alerts for this one.
+            metrics.forget_sink(self.name)
 
     async def _sleep(self, seconds: float, stopping: anyio.Event) -> None:
         with anyio.move_on_after(seconds):

@@ -11,7 +11,7 @@ nothing is acknowledged, nothing is dropped.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +62,34 @@ class SourceHealth:
     budget: RequestBudget | None = None  # the request budget it spends, if any
 
 
+class UnitHealth(MutableMapping[str, SourceHealth]):
+    """The shared health table as one unit writes to it: each key it adds is noted as
+    that unit's (``owners``), so that ``/readyz`` can tell the loops running here from
+    those of units that have moved to another relay."""
+
+    def __init__(self, shared: MutableMapping[str, SourceHealth], owners: dict[str, str],
+                 unit: str) -> None:
+        self._shared = shared
+        self._owners = owners
+        self._unit = unit
+
+    def __getitem__(self, key: str) -> SourceHealth:
+        return self._shared[key]
+
+    def __setitem__(self, key: str, value: SourceHealth) -> None:
+        self._shared[key] = value
+        self._owners[key] = self._unit
+
+    def __delitem__(self, key: str) -> None:
+        del self._shared[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shared)
+
+    def __len__(self) -> int:
+        return len(self._shared)
+
+
 @dataclass
 class SourceRuntime:
     """What a running source (or one unit of it) is given.
@@ -77,7 +105,7 @@ class SourceRuntime:
     stopping: anyio.Event
     budgets: BudgetRegistry = field(default_factory=BudgetRegistry)
     disk_full_retry: float = 5.0
-    health: dict[str, SourceHealth] = field(default_factory=dict)
+    health: MutableMapping[str, SourceHealth] = field(default_factory=dict)
     unit: str = ""
     fence: Fence | None = None
     lease: LeaseClock | None = None
