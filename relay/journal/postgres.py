@@ -217,6 +217,9 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.exceptions.OperatorInterventionError,  # admin_shutdown, crash_shutdown ...
+    # A connection caught in the middle of the server going away ("another operation is
+    # in progress"): the driver's own confusion, as unreachable as the rest.
+    asyncpg.InternalClientError,
 )
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (*_UNREACHABLE, asyncpg.PostgresError)
 # The journal's tables or schema are gone: the storage is not the one opened.
@@ -385,7 +388,13 @@ class PostgresJournal:
             raise JournalGoneError(self._gone)
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                yield conn
+                try:
+                    yield conn
+                except _DRIVER_ERRORS:
+                    # A connection that failed mid-operation (the server shutting down) can
+                    # be left consuming the error: never hand it out again.
+                    conn.terminate()
+                    raise
         except JournalError:
             raise
         except _DRIVER_ERRORS as exc:
