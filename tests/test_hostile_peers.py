@@ -70,6 +70,7 @@ def test_rongcloud_retry_after_of_a_day_is_clamped(tmp_path: Path) -> None:
             waited = time.monotonic() - started
         finally:
             relay.stop()
+    print(f"Retry-After: 86400 -> polled again after {waited:.1f}s (max_retry_after 2s)")
     assert waited < 10, f"polled again only after {waited:.1f}s"
 
 
@@ -149,6 +150,7 @@ def test_webhook_retry_after_inf_does_not_park_and_nan_does_not_storm(tmp_path: 
             rate = (len(receiver.received) - count) / 3
         finally:
             relay.stop()
+    print(f"Retry-After: nan -> {rate:.1f} POST/s")
     assert rate < 20, f"Retry-After: nan caused {rate:.0f} POST/s"
 
 
@@ -184,6 +186,7 @@ def test_wukongim_ignored_acks_cost_one_sync_per_idle_interval(tmp_path: Path) -
             syncs = provider.syncs - first
         finally:
             relay.stop()
+    print(f"acks ignored: {syncs} syncs in 5 s (idle_interval 1s)")
     assert syncs <= 7, f"{syncs} syncs in 5 s with a 1 s idle interval"
     assert delivered_ids(events) == {f"src:{10**15 + i}": 1 for i in range(5)}
 
@@ -269,6 +272,7 @@ def test_an_oversized_answer_is_refused_without_reading_it_all(tmp_path: Path) -
             rss = metric(port, "process_resident_memory_bytes")
         finally:
             relay.stop()
+    print(f"a 50 MB answer (cap 8 MiB): refused, RSS {rss / 1e6:.0f} MB")
     assert 0 < rss < 250e6, f"RSS {rss / 1e6:.0f} MB after a 50 MB answer"
 
 
