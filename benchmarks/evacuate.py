@@ -29,19 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import free_port, machine, start_emulator, stop
+from benchmarks.common import free_port, machine, rss_mb, start_emulator, stop
 
 TARGET = 100_000_000
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def drain_state(journal: Path) -> dict[str, Any]:

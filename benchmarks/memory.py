@@ -20,16 +20,14 @@ from pathlib import Path
 
 import anyio
 
-from benchmarks.common import count_lines, machine, start_emulator, start_relay, stop
+from benchmarks.common import count_lines, machine, rss_mb, start_emulator, start_relay, stop
 from benchmarks.kafka import fill_journal
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.emulators import refused_port
 
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if ":" in line)
-    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+def rss_pair(pid: int) -> tuple[float, float]:
+    return rss_mb(pid), rss_mb(pid, "VmHWM")
 
 
 def main() -> None:
@@ -58,7 +56,7 @@ def main() -> None:
             deadline = time.monotonic() + args.seconds
             while time.monotonic() < deadline:
                 time.sleep(1)
-                samples.append(rss_mb(relay.pid))
+                samples.append(rss_pair(relay.pid))
             status_started = time.monotonic()
             status = subprocess.run([sys.executable, "-m", "relay", "status", "--json",
                                      "--config", str(config)], capture_output=True, text=True)
@@ -81,7 +79,7 @@ def main() -> None:
             started = time.monotonic()
             while count_lines(events) < args.events and time.monotonic() - started < 600:
                 time.sleep(1)
-                drain.append(rss_mb(relay.pid))
+                drain.append(rss_pair(relay.pid))
             drain_seconds = time.monotonic() - started
         finally:
             stop(relay)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -23,15 +22,9 @@ from typing import Any
 
 import orjson
 
-from benchmarks.common import machine, start_emulator, start_relay, stop, wait_lines
+from benchmarks.common import cpu_seconds, machine, start_emulator, start_relay, stop, wait_lines
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.postgres import PostgresServer
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_run(journal: dict[str, Any], events: int, batch: int, workdir: Path) -> dict[str, float]:

@@ -105,6 +105,16 @@ async def measure(events: int, batch: int, workdir: Path) -> dict[str, float]:
         "events": taken}
 
 
+def print_table(by_stage: dict[str, float], batch: int, events: int | None = None) -> float:
+    total = sum(by_stage.values())
+    count = f"{events:,} events, " if events else ""
+    print(f"{count}batch {batch}; CPU µs per event by stage")
+    for stage, us in by_stage.items():
+        print(f"  {stage:<10} {us:7.1f} µs  {us / total * 100:5.1f} %")
+    print(f"  {'total':<10} {total:7.1f} µs")
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=100_000)
@@ -113,11 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relay-stages-") as tmp:
         result = asyncio.run(measure(args.events, args.batch, Path(tmp)))
     taken = int(result.pop("events"))
-    total = sum(result.values())
-    print(f"{taken:,} events, batch {args.batch}; CPU µs per event by stage")
-    for stage, us in result.items():
-        print(f"  {stage:<10} {us:7.1f} µs  {us / total * 100:5.1f} %")
-    print(f"  {'total':<10} {total:7.1f} µs")
+    total = print_table(result, args.batch, taken)
     print(json.dumps({"benchmark": "per-stage CPU", "events": taken, "batch": args.batch,
                       "us_per_event": {k: round(v, 2) for k, v in result.items()},
                       "total_us": round(total, 2), "machine": machine()}, indent=2))
