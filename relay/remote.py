@@ -24,13 +24,15 @@ from __future__ import annotations
 import email.utils
 import errno
 import math
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aiohttp
 import anyio
-import httpx
 
 REDACTED = "***"
 
@@ -64,7 +66,7 @@ def parse_retry_after(value: str | None, maximum: float, *,
     return clamp_remote_duration(seconds, maximum)
 
 
-def retry_after(response: httpx.Response | Reply, maximum: float) -> float | None:
+def retry_after(response: Reply, maximum: float) -> float | None:
     return parse_retry_after(response.headers.get("retry-after"), maximum)
 
 
@@ -104,6 +106,20 @@ def url_secrets(url: str) -> list[str]:
 
 # -- one bounded exchange ------------------------------------------------------
 
+# Why an exchange got no whole answer; what a caller may conclude differs.
+NOT_SENT = "not_sent"  # never reached the peer (refused, DNS, connect timeout): safe to retry
+MAYBE_SENT = "maybe_sent"  # sent, answer lost or late: the peer may have acted on it
+LOCAL = "local"  # the relay's own resources (file descriptors, memory): not the peer's fault
+
+
+class ExchangeFailed(Exception):
+    """No whole answer: ``kind`` is NOT_SENT, MAYBE_SENT or LOCAL; ``detail`` is one line."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
 
 class AnswerTooLarge(Exception):
     """The answer passed the size cap; it was not read further."""
@@ -118,39 +134,85 @@ class Reply:
     """A whole answer, read within the deadline and the size cap."""
 
     status_code: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]  # case-insensitive
     content: bytes
 
     def text(self, limit: int = 300) -> str:
         return self.content[:limit].decode("utf-8", "replace")
 
 
-async def fetch(client: httpx.AsyncClient, method: str, url: str, *, deadline: float,
+def client_session(*, connect_timeout: float, read_timeout: float, verify_tls: bool,
+                   connections: int, headers: Mapping[str, str] | None = None,
+                   ) -> aiohttp.ClientSession:
+    """An HTTP client for one remote party. Call on the event loop.
+
+    aiohttp rather than httpx: about a sixth of the CPU per exchange (0.17 ms
+    against 1.0 ms for a 28 kB answer on loopback), which at a hundred records
+    per answer is a third of the relay's whole cost per event. No cookies (a
+    provider's cookie must not change the next request), no proxies from the
+    environment; redirects are refused per request (:func:`fetch`).
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, ssl=verify_tls),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
+                                      sock_read=read_timeout),
+        headers={"User-Agent": "im-relay", **(headers or {})},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
+async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, deadline: float,
                 max_bytes: int, truncate: bool = False, **kwargs: Any) -> Reply:
     """One request, all of it (connect, send, every byte of the body) within ``deadline``.
 
-    Raises :class:`TimeoutError` past the deadline, :class:`AnswerTooLarge` past
-    ``max_bytes`` (or, with ``truncate``, keeps only the first ``max_bytes``: for
-    answers whose status is what matters), and httpx's transport errors as they come.
+    Raises :class:`ExchangeFailed` when no whole answer came (past the deadline
+    too), :class:`AnswerTooLarge` past ``max_bytes`` (or, with ``truncate``,
+    keeps only the first ``max_bytes``: for answers whose status is what
+    matters). Redirects are not followed: the 3xx is the answer.
     """
-    with anyio.fail_after(deadline):
-        async with client.stream(method, url, **kwargs) as response:
-            declared = response.headers.get("content-length")
-            if not truncate and declared is not None and declared.isdigit() \
-                    and int(declared) > max_bytes and "content-encoding" not in response.headers:
-                raise AnswerTooLarge(max_bytes)
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    if not truncate:
-                        raise AnswerTooLarge(max_bytes)
-                    chunks.append(chunk[:len(chunk) - (size - max_bytes)])
-                    break
-                chunks.append(chunk)
-            content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            return Reply(response.status_code, response.headers, content)
+    try:
+        with anyio.fail_after(deadline):
+            return await _exchange(session, method, url, max_bytes, truncate, kwargs)
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise ExchangeFailed(NOT_SENT, "connect timeout") from exc
+    except aiohttp.ClientConnectorError as exc:
+        local = local_failure(exc)
+        if local is not None:
+            raise ExchangeFailed(LOCAL, local) from exc
+        reason = os.strerror(exc.errno) if exc.errno else str(exc.os_error)
+        raise ExchangeFailed(NOT_SENT, f"cannot connect to {exc.host}:{exc.port}: {reason}"
+                             ) from exc
+    except aiohttp.ServerTimeoutError as exc:
+        raise ExchangeFailed(MAYBE_SENT, "read timeout") from exc
+    except TimeoutError as exc:
+        raise ExchangeFailed(MAYBE_SENT, f"no whole answer within {deadline:g}s") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        # Reset, or a protocol error after the request left.
+        local = local_failure(exc)
+        raise ExchangeFailed(LOCAL if local else MAYBE_SENT, local or describe(exc)) from exc
+
+
+async def _exchange(session: aiohttp.ClientSession, method: str, url: str, max_bytes: int,
+                    truncate: bool, kwargs: dict[str, Any]) -> Reply:
+    async with session.request(method, url, allow_redirects=False, **kwargs) as response:
+        declared = response.content_length
+        if not truncate and declared is not None and declared > max_bytes \
+                and "content-encoding" not in response.headers:
+            raise AnswerTooLarge(max_bytes)
+        # Counted on the decoded bytes: a compressed bomb is caught too.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > max_bytes:
+                if not truncate:
+                    raise AnswerTooLarge(max_bytes)
+                chunks.append(chunk[:len(chunk) - (size - max_bytes)])
+                break
+            chunks.append(chunk)
+        content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return Reply(response.status, response.headers, content)
 
 
 def local_failure(exc: BaseException) -> str | None:

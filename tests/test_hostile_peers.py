@@ -276,26 +276,51 @@ def test_an_oversized_answer_is_refused_without_reading_it_all(tmp_path: Path) -
     assert 0 < rss < 250e6, f"RSS {rss / 1e6:.0f} MB after a 50 MB answer"
 
 
-def test_out_of_file_descriptors_is_named_as_the_relays_own_problem() -> None:
-    import errno
+_OUT_OF_FDS = r"""
+import asyncio, json, os, resource, socket, sys
+from relay.sources.http import ProviderClient
+from relay.sinks.webhook import WebhookSink, WebhookSinkConfig
 
-    import httpcore
+async def main() -> None:
+    url = sys.argv[1]
+    client = ProviderClient("rc", connect_timeout=2, read_timeout=2, verify_tls=True)
+    sink = WebhookSink("hook", WebhookSinkConfig(type="webhook", url=url, secret=sys.argv[2]))
+    await sink.start()
+    # Every descriptor the process may open is in use: the next socket() fails (EMFILE).
+    spare = len(os.listdir("/proc/self/fd"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (spare, hard))
+    hold = []
+    try:
+        while True:
+            hold.append(socket.socket())
+    except OSError:
+        pass
+    answer = await client.request("POST", url, data={"a": "1"})
+    outcome = await sink._post([])
+    print(json.dumps({"kind": answer.kind, "detail": answer.detail,
+                      "sink": [outcome[0], outcome[1]], "breaker": sink._breaker._count}))
+    for s in hold:
+        s.close()
+    await client.aclose()
+    await sink.close()
 
-    from relay.remote import describe, local_failure
+asyncio.run(main())
+"""
 
-    # The chain httpx raises when the relay cannot open a socket: ConnectError ←
-    # httpcore.ConnectError ← OSError("All connection attempts failed") ← OSError(EMFILE).
-    root = OSError(errno.EMFILE, "Too many open files")
-    middle = OSError("All connection attempts failed")
-    middle.__cause__ = root
-    inner = httpcore.ConnectError(middle)
-    inner.__cause__ = middle
-    outer = httpx.ConnectError("All connection attempts failed")
-    outer.__cause__ = inner
-    detail = local_failure(outer)
-    assert detail is not None
-    assert "out of a local resource" in detail
-    assert "LimitNOFILE" in describe(outer)
-    refused = httpx.ConnectError("refused")
-    refused.__cause__ = ConnectionRefusedError(errno.ECONNREFUSED, "refused")
-    assert local_failure(refused) is None
+
+def test_out_of_file_descriptors_is_named_as_the_relays_own_problem(tmp_path: Path) -> None:
+    # A real process with no descriptor left: the source's request and the webhook's POST
+    # both report the relay's own problem (not the peer's), and the breaker is not tripped.
+    url = f"http://127.0.0.1:{refused_port()}/x"
+    run = subprocess.run([sys.executable, "-c", _OUT_OF_FDS, url, SECRET],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    print(f"out of file descriptors: {seen}")
+    assert seen["kind"] == "local_error"
+    assert "out of a local resource" in seen["detail"]
+    assert "LimitNOFILE" in seen["detail"]
+    assert seen["sink"][0] == "retry"
+    assert "LimitNOFILE" in seen["sink"][1]
+    assert seen["breaker"] == 0

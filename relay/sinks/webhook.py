@@ -1,4 +1,4 @@
-"""Webhook sink (httpx): POST ``{"events": [...]}`` batches, signed the Standard Webhooks way.
+"""Webhook sink: POST ``{"events": [...]}`` batches, signed the Standard Webhooks way.
 
 - Signing: ``webhook-id`` (derived from the batch's event ids: stable across
   retries and restarts), ``webhook-timestamp`` and ``webhook-signature:
@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Literal
 
+import aiohttp
 import anyio
-import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from relay import metrics
@@ -45,7 +45,7 @@ from relay.checks import CheckResult
 from relay.config_base import Duration, HttpUrl
 from relay.journal import StoredEvent
 from relay.logs import get_logger
-from relay.remote import describe, display_url, fetch, local_failure, retry_after
+from relay.remote import LOCAL, ExchangeFailed, client_session, display_url, fetch, retry_after
 from relay.sinks.base import (
     Advance,
     DeliveryResult,
@@ -175,25 +175,20 @@ class WebhookSink:
         self.name = name
         self.config = config
         self._key = signing_key(config.secret.get_secret_value())
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._breaker = _Breaker(name, config.breaker_failures, config.breaker_open)
         self._shown_url = display_url(config.url)
 
     async def start(self) -> None:
         if self._client is None:
             c = self.config
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(c.timeout, connect=c.connect_timeout),
-                verify=c.verify_tls,
-                limits=httpx.Limits(max_connections=c.concurrency,
-                                    max_keepalive_connections=c.concurrency),
-                headers={"User-Agent": "im-relay", **c.headers},
-                trust_env=False,
-            )
+            self._client = client_session(
+                connect_timeout=c.connect_timeout, read_timeout=c.timeout,
+                verify_tls=c.verify_tls, connections=c.concurrency, headers=c.headers)
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     async def position(self) -> SinkPosition | None:
@@ -283,18 +278,15 @@ class WebhookSink:
             "webhook-signature": sign(self._key, msg_id, stamp, body),
         }
         try:
-            response = await fetch(self._client, "POST", self.config.url, content=body,
+            response = await fetch(self._client, "POST", self.config.url, data=body,
                                    headers=headers, deadline=self.config.request_deadline,
                                    max_bytes=_ANSWER_BYTES, truncate=True)
-        except (httpx.TransportError, TimeoutError, OSError) as exc:
-            local = local_failure(exc)
-            if local is None:
+        except ExchangeFailed as exc:
+            if exc.kind != LOCAL:
                 # Only an endpoint that does not answer at all (refused, timed out) trips
                 # the breaker; one that answers 5xx is alive and gets plain backoff.
                 self._breaker.failure()
-            detail = local or (f"no whole answer within {self.config.request_deadline:g}s"
-                               if isinstance(exc, TimeoutError) else describe(exc))
-            return _Outcome.RETRY, detail, None
+            return _Outcome.RETRY, exc.detail, None
         status = response.status_code
         detail = f"HTTP {status}"
         self._breaker.success()
@@ -318,14 +310,14 @@ class WebhookSink:
         body = b'{"events":[]}'
         msg_id = "msg_relay_check"
         try:
-            response = await fetch(self._client, "POST", self.config.url, content=body, headers={
+            response = await fetch(self._client, "POST", self.config.url, data=body, headers={
                 "content-type": "application/json", "webhook-id": msg_id,
                 "webhook-timestamp": str(stamp),
                 "webhook-signature": sign(self._key, msg_id, stamp, body)},
                 deadline=self.config.request_deadline, max_bytes=_ANSWER_BYTES, truncate=True)
-        except (httpx.TransportError, TimeoutError, OSError) as exc:
+        except ExchangeFailed as exc:
             return [CheckResult(f"sink {self.name}", self._shown_url, False,
-                                f"unreachable: {describe(exc)}")]
+                                f"unreachable: {exc.detail}")]
         finally:
             await self.close()
         ok = 200 <= response.status_code < 300

@@ -20,14 +20,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from pydantic import Field
 
 from relay import metrics
 from relay.config_base import ByteSize, ComponentConfig, Duration
 from relay.logs import get_logger
-from relay.remote import AnswerTooLarge, Reply, describe, fetch, local_failure, retry_after
+from relay.remote import LOCAL as REMOTE_LOCAL
+from relay.remote import (
+    MAYBE_SENT,
+    NOT_SENT,
+    AnswerTooLarge,
+    ExchangeFailed,
+    Reply,
+    client_session,
+    fetch,
+    retry_after,
+)
 
 log = get_logger("relay.source.http")
 
@@ -36,6 +46,8 @@ TIMEOUT = "timeout"  # sent, answer lost: the provider may have acted on it
 TOO_LARGE = "too_large"  # the provider answered more than the cap: it may have acted on it
 LOCAL = "local_error"  # the relay's own problem (no file descriptors): not the provider's
 RESPONSE = "response"  # an HTTP answer arrived (any status)
+
+_FAILURES = {NOT_SENT: CONNECT, MAYBE_SENT: TIMEOUT, REMOTE_LOCAL: LOCAL}
 
 
 class HttpSourceConfig(ComponentConfig):
@@ -90,39 +102,28 @@ class ProviderClient:
         self.deadline = deadline
         self.max_bytes = max_bytes
         self.max_retry_after = max_retry_after
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            verify=verify_tls,
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-            headers={"User-Agent": "im-relay"},
-            trust_env=False,
-        )
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._verify_tls = verify_tls
+        # Made on first use: an HTTP session belongs to the running event loop.
+        self._session: aiohttp.ClientSession | None = None
         self._last_skew_warning = 0.0
 
     async def request(self, method: str, url: str, *, deadline: float | None = None,
                       **kwargs: Any) -> Answer:
         """One exchange within ``deadline`` (default: the configured request deadline)."""
         limit = self.deadline if deadline is None else deadline
+        if self._session is None:
+            self._session = client_session(
+                connect_timeout=self._connect_timeout, read_timeout=self._read_timeout,
+                verify_tls=self._verify_tls, connections=16)
         try:
-            response = await fetch(self._client, method, url, deadline=limit,
+            response = await fetch(self._session, method, url, deadline=limit,
                                    max_bytes=self.max_bytes, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            local = local_failure(exc)
-            if local is not None:
-                return Answer(LOCAL, detail=local)
-            return Answer(CONNECT, detail=describe(exc))
-        except TimeoutError:
-            return Answer(TIMEOUT, detail=f"no whole answer within {limit:g}s")
-        except httpx.TimeoutException as exc:
-            return Answer(TIMEOUT, detail=type(exc).__name__)
+        except ExchangeFailed as exc:
+            return Answer(_FAILURES[exc.kind], detail=exc.detail)
         except AnswerTooLarge as exc:
             return Answer(TOO_LARGE, detail=str(exc))
-        except (httpx.TransportError, OSError) as exc:
-            local = local_failure(exc)
-            if local is not None:
-                return Answer(LOCAL, detail=local)
-            # Reset or protocol error after the request left.
-            return Answer(TIMEOUT, detail=describe(exc))
         self._observe_clock(response)
         raw = response.content
         body: Any = None
@@ -154,4 +155,6 @@ class ProviderClient:
                             source=self.source, skew_seconds=round(skew))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
