@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from relay.emulators.rongcloud import ENDPOINTS, RongCloudEmulator, message_key
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.emulators import refused_port, serving
+from tests.support.hostile import ScriptedRongCloud, serving_app
 from tests.support.relay_process import RelayProcess, count_lines, read_events, wait_for
 
 pytestmark = pytest.mark.slow
@@ -227,3 +229,49 @@ def test_second_signal_exits_at_once_and_the_journal_survives(tmp_path: Path) ->
         if batches:
             in_flight.update(batches[-1].keys)
     assert set(keys) - seen <= in_flight
+
+
+def test_first_request_waits_out_the_budget_window_only_after_a_crash(tmp_path: Path) -> None:
+    # SPEC §7: no needless hold-off. The window is 4 s so that the hold-off after a crash
+    # stands out from a child process's start-up, however loaded the machine is.
+    server = ScriptedRongCloud()
+    with serving_app(server.app()) as (_, urls):
+        config = write_config(tmp_path, sources={"rc": rongcloud_source(
+            urls, budget_window="4s", requests_per_second=20)},
+            sinks={"out": file_sink(tmp_path / "events.jsonl")})
+        log = tmp_path / "relay.log"
+        relay = RelayProcess(config, log)
+        alive = tmp_path / "relay.db.alive"
+
+        def first_request() -> tuple[float, float]:
+            """(seconds from spawn, seconds from the relay's "relay started") to its first."""
+            with server.lock:
+                seen = len(server.arrived_wall)
+            spawned = time.time()
+            relay.start()
+
+            def arrived() -> list[float]:
+                with server.lock:
+                    return server.arrived_wall[seen:]
+            wait_for(lambda: bool(arrived()), timeout=60, message="a first request")
+            started = max(datetime.fromisoformat(r["timestamp"]).timestamp()
+                          for r in relay.log_records() if r.get("event") == "relay started")
+            return arrived()[0] - spawned, arrived()[0] - started
+
+        new = first_request()
+        relay.stop()
+        # The previous relay gone for longer than the window (its last heartbeat):
+        wait_for(lambda: time.time() - float(alive.read_text()) > 4.2, timeout=20)
+        clean = first_request()
+        relay.kill9()
+        try:
+            crash = first_request()
+        finally:
+            relay.stop()
+    for name, (spawn, up) in (("new journal", new), ("gone longer than the window", clean),
+                              ("right after kill -9", crash)):
+        print(f"first request, {name}: {spawn:.2f}s after spawn, {up:.3f}s after start")
+    # Generous bounds (a loaded machine starts processes slowly): a hold-off is 4 s here.
+    assert crash[0] >= 3.0, "a restart right after a crash must wait out the budget window"
+    assert new[1] < 1.0, "a new journal has no predecessor to honour"
+    assert clean[1] < 1.0, "a predecessor gone longer than the window needs no hold-off"

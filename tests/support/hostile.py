@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ class ScriptedRongCloud:
         e: deque() for e in ("person", "group", "chatroom")})
     extra_headers: deque[tuple[int, dict[str, str]]] = field(default_factory=deque)
     requests: list[tuple[float, str]] = field(default_factory=list)
+    arrived_wall: list[float] = field(default_factory=list)  # time.time() of each request
     close_connections: bool = False  # no keep-alive: every request needs a new connection
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -53,6 +55,7 @@ class ScriptedRongCloud:
         loop = asyncio.get_running_loop()
         with self.lock:
             self.requests.append((loop.time(), endpoint))
+            self.arrived_wall.append(time.time())
             if self.extra_headers:
                 status, headers = self.extra_headers.popleft()
                 return web.Response(status=status, headers=headers,
