@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import anyio
+import anyio.abc
 
 from relay import metrics
 from relay.backoff import Backoff
@@ -134,6 +135,20 @@ class SinkRunner:
         return False
 
     async def _loop(self, stopping: anyio.Event) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                await self._deliver_all(stopping,
+                                        _ReadAhead(self.journal, self.config.batch_size, tg))
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Early reads never raise: the one exception is the loop's own, passed on as is
+            # (callers tell a fenced sink or a lost journal by its type).
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
+            raise error.with_traceback(error.__traceback__) from error.__cause__
+
+    async def _deliver_all(self, stopping: anyio.Event, ahead: _ReadAhead) -> None:
         self._journal_id = await self.journal.journal_id()
         cursor = await self._resume(await self.journal.sink_cursor(self.name))
         self.health.cursor = cursor
@@ -144,7 +159,7 @@ class SinkRunner:
             if time.monotonic() - last_requests >= REQUEST_POLL_INTERVAL:
                 last_requests = time.monotonic()
                 cursor = await self._serve_requests(cursor, stopping)
-            rows = await self.journal.read(cursor, self.config.batch_size)
+            rows = await ahead.take(cursor)
             if not rows:
                 metrics.SINK_PENDING.labels(self.name).set(0)
                 metrics.SINK_OLDEST_PENDING_AGE.labels(self.name).set(0)
@@ -156,6 +171,9 @@ class SinkRunner:
             if len(selected) != len(rows):
                 metrics.SINK_FILTERED.labels(self.name).inc(len(rows) - len(selected))
             if selected:
+                # The next batch is read while this one is delivered: the destination's
+                # round trips hide the journal's read.
+                ahead.start(rows[-1].seq)
                 advance = Advance(rows[-1].seq, self._journal_id, self._settle)
                 result = await self._deliver(selected, stopping, advance)
                 if result is None:
@@ -419,3 +437,46 @@ class SinkRunner:
             (self.name,), ((max(0.0, (now_ms - fetched) / 1000), n)
                            for fetched, n in by_fetch.items()))
         metrics.SINK_DELIVERED.labels(self.name).inc(len(batch))
+
+
+class _ReadAhead:
+    """At most one journal read started early, taken only by the cursor it was read after.
+
+    Anything else (an operator's rewind, a retry from a different place) reads
+    afresh and the early read is dropped: what a sink delivers always starts at
+    its cursor.
+    """
+
+    def __init__(self, journal: SinkJournal, size: int, tg: anyio.abc.TaskGroup) -> None:
+        self._journal = journal
+        self._size = size
+        self._tg = tg
+        self._after: int | None = None
+        self._done = anyio.Event()
+        self._rows: list[StoredEvent] = []
+        self._error: Exception | None = None
+
+    def start(self, after: int) -> None:
+        if self._after == after:
+            return
+        self._after, self._done, self._rows, self._error = after, anyio.Event(), [], None
+        self._tg.start_soon(self._read, after, self._done)
+
+    async def _read(self, after: int, done: anyio.Event) -> None:
+        try:
+            rows = await self._journal.read(after, self._size)
+            error = None
+        except Exception as exc:  # handed to take(), which raises it where a read would
+            rows, error = [], exc
+        if self._after == after and self._done is done:
+            self._rows, self._error = rows, error
+        done.set()
+
+    async def take(self, after: int) -> list[StoredEvent]:
+        if self._after != after:
+            return await self._journal.read(after, self._size)
+        await self._done.wait()
+        self._after = None
+        if self._error is not None:
+            raise self._error
+        return self._rows
