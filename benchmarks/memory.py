@@ -1,4 +1,4 @@
-"""Memory with 1,000,000 undelivered events in the journal (SPEC §7 bar: RSS ≤ 150 MB).
+"""Memory with 1,000,000 undelivered events in the journal (SPEC §7 bar: RSS ≤ 100 MB).
 
 The journal is filled with N events, then the relay runs with a webhook sink
 whose endpoint refuses connections (nothing can be delivered) beside a live

@@ -21,7 +21,6 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import anyio.to_thread
 import click
-import httpx
 from pydantic import ValidationError
 
 from relay import __version__
@@ -280,6 +279,8 @@ def _live_figures(view: AdminView) -> dict[str, Any] | None:
     """The running relay's own figures (its /stats), if it runs and serves them."""
     if not view.metrics.enabled:
         return None
+    import httpx
+
     from relay.top import fetch
 
     try:

@@ -14,7 +14,8 @@ from aiokafka import AIOKafkaProducer
 
 from relay.emulators.rongcloud import RongCloudEmulator, message_key
 from relay.journal import Routing
-from relay.sinks.kafka import KafkaSinkConfig, topic_for
+from relay.sinks.kafka import topic_for
+from relay.sinks.kafka_config import KafkaSinkConfig
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.emulators import refused_port, serving
 from tests.support.kafka_broker import KafkaBroker

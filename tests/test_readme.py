@@ -26,7 +26,7 @@ from relay.emulators.rongcloud import RongCloudEmulator
 from relay.emulators.wukongim import WuKongIMEmulator
 from relay.sinks.base import SinkConfig
 from relay.sinks.file import FileSinkConfig
-from relay.sinks.kafka import KafkaSinkConfig
+from relay.sinks.kafka_config import KafkaSinkConfig
 from relay.sinks.webhook import WebhookSinkConfig
 from relay.sources.http import HttpSourceConfig
 from relay.sources.leancloud import EvacuationSettings, LeanCloudSourceConfig

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from relay.config import RelayConfig
-from relay.sinks.kafka import KafkaSinkConfig
+from relay.sinks.kafka_config import KafkaSinkConfig
 from relay.sinks.webhook import WebhookSinkConfig
 from relay.sources.leancloud import LeanCloudSourceConfig
 from relay.sources.rongcloud import RongCloudSourceConfig

@@ -106,6 +106,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 _EVENT_COLUMNS = "seq, id, fetched_at, routing, payload"
 
+# Page cache per connection (SQLite's own default). A page it misses comes from the
+# kernel's page cache, which is not this process's memory: with 16 MB per connection
+# the relay's RSS was ~55 MiB higher during a drain, and inserts and reads were no
+# faster, in a fresh journal or one holding 1,000,000 events.
+_CACHE_KIB = 2048
+
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -339,7 +345,7 @@ class SqliteJournal:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA cache_size=-16000")  # KiB: 16 MB per connection
+        conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         return conn
 
     @staticmethod

@@ -35,12 +35,11 @@ import secrets
 import ssl
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.codec import has_lz4, has_snappy, has_zstd
 from aiokafka.errors import (
     InvalidMessageError,
     InvalidProducerEpoch,
@@ -54,22 +53,20 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
     for_code,
 )
-from pydantic import Field, SecretStr, field_validator, model_validator
 
 from relay.checks import CheckResult
-from relay.config_base import ByteSize, Duration
 from relay.journal import Routing, StoredEvent
 from relay.logs import get_logger
 from relay.sinks.base import (
     Advance,
     DeliveryResult,
     RetryableError,
-    SinkConfig,
     SinkError,
     SinkFencedError,
     SinkPausedError,
     SinkPosition,
 )
+from relay.sinks.kafka_config import TOPIC_FIELDS, TOPIC_PLACEHOLDER, TOPIC_UNSAFE, KafkaSinkConfig
 from relay.sinks.kafka_cursor import CursorRecord, ensure_cursor_topic, new_topic, read_cursor
 
 log = get_logger("relay.sink.kafka")
@@ -81,90 +78,13 @@ RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidMessageEr
 # transaction older than its timeout, told apart by the transaction's age).
 FENCED_ERRORS = (ProducerFenced, InvalidProducerEpoch)
 
-_PLACEHOLDER = re.compile(r"\{([a-z_.]+)\}")
-_TOPIC_FIELDS = {
-    "source": "source",
-    "provider": "provider",
-    "kind": "kind",
-    "channel_type": "channel_type",
-    "channel.type": "channel_type",
-    "type": "type",
-}
-_TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class KafkaSinkConfig(SinkConfig):
-    type: Literal["kafka"]
-    bootstrap_servers: str | list[str]
-    topic: str = "im.events"
-    client_id: str = "im-relay"
-    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
-    linger: Duration = 0.005
-    max_batch_bytes: ByteSize = 1024 * 1024
-    max_request_bytes: ByteSize = 8 * 1024 * 1024
-    request_timeout: Duration = 30.0
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
-    batch_size: int = Field(default=2000, ge=1, le=100_000)
-    # Topics the broker does not know: create them (with these settings; -1 = the broker's
-    # defaults) instead of dead-lettering their records (templated) or pausing (fixed).
-    create_topics: bool = False
-    create_topic_partitions: int = Field(default=-1, ge=-1)
-    create_topic_replication: int = Field(default=-1, ge=-1)
-    # How long to wait for a broker that creates topics on first use to show a new one.
-    topic_wait: Duration = Field(default=5.0, gt=0)
-    # Transactions: every batch with the sink's cursor, read_committed consumers see each
-    # event once. The transactional id and the cursor topic default to names derived from
-    # client_id and the sink's name (see transactional_id_of / cursor_topic_of).
-    exactly_once: bool = False
-    transactional_id: str | None = Field(default=None, min_length=1, max_length=249)
-    cursor_topic: str | None = Field(default=None, min_length=1, max_length=249)
-    # An open transaction of a relay killed for good holds read_committed consumers back
-    # until this; a restarted relay aborts it at once.
-    transaction_timeout: Duration = Field(default=60.0, ge=1.0, le=900.0)
-
-    @field_validator("topic")
-    @classmethod
-    def _topic(cls, topic: str) -> str:
-        for name in _PLACEHOLDER.findall(topic):
-            if name not in _TOPIC_FIELDS:
-                raise ValueError(f"unknown placeholder {{{name}}} (known: "
-                                 f"{', '.join(sorted(_TOPIC_FIELDS))})")
-        if _TOPIC_UNSAFE.search(_PLACEHOLDER.sub("x", topic)):
-            raise ValueError("a topic may hold only letters, digits, '.', '_' and '-'")
-        return topic
-
-    @field_validator("compression")
-    @classmethod
-    def _codec(cls, codec: str) -> str:
-        available = {"snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
-        if codec in available and not available[codec]():
-            raise ValueError(f"{codec} needs the cramjam package")
-        return codec
-
-    @model_validator(mode="after")
-    def _sasl(self) -> KafkaSinkConfig:
-        if self.security_protocol.startswith("SASL"):
-            if self.sasl_mechanism is None:
-                raise ValueError("sasl_mechanism: required with a SASL security_protocol")
-            if not self.sasl_username or self.sasl_password is None:
-                raise ValueError("sasl_username: SASL needs sasl_username and sasl_password")
-        return self
-
-
 def transactional_id_of(name: str, config: KafkaSinkConfig) -> str:
     """Stable per sink: a new holder of the sink (restart, lease) fences the old one."""
     return config.transactional_id or f"{config.client_id}.{name}"
 
 
 def cursor_topic_of(name: str, config: KafkaSinkConfig) -> str:
-    return config.cursor_topic or _TOPIC_UNSAFE.sub("_", f"{config.client_id}.{name}.cursor")
+    return config.cursor_topic or TOPIC_UNSAFE.sub("_", f"{config.client_id}.{name}.cursor")
 
 
 def topic_for(template: str, routing: Routing) -> str:
@@ -172,10 +92,10 @@ def topic_for(template: str, routing: Routing) -> str:
         return template
 
     def field(match: re.Match[str]) -> str:
-        value = getattr(routing, _TOPIC_FIELDS[match.group(1)])
-        return _TOPIC_UNSAFE.sub("_", value) or "_"
+        value = getattr(routing, TOPIC_FIELDS[match.group(1)])
+        return TOPIC_UNSAFE.sub("_", value) or "_"
 
-    return _PLACEHOLDER.sub(field, template)
+    return TOPIC_PLACEHOLDER.sub(field, template)
 
 
 def kafka_record(event: StoredEvent) -> tuple[bytes, list[tuple[str, bytes]], Routing]:
