@@ -472,6 +472,17 @@ async def test_a_missing_journal_is_not_created_by_readers(backend: Backend) -> 
             await backend.open(mode)  # type: ignore[arg-type]
 
 
+async def test_a_new_sqlite_journal_has_small_pages(tmp_path: Path) -> None:
+    # Random ids dirty one page of the id index per insert: the page is what the WAL writes.
+    journal = await open_journal(JournalConfig(path=str(tmp_path / "new.db")))
+    await journal.close()
+    conn = sqlite3.connect(tmp_path / "new.db")
+    try:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    finally:
+        conn.close()
+
+
 async def test_version_1_sqlite_files_open_and_gain_an_identity(tmp_path: Path) -> None:
     """A file written by the first release (schema 1, no identity row) opens and works."""
     path = tmp_path / "v1.db"

@@ -357,11 +357,14 @@ class SqliteJournal:
                 "upgrade the relay"
             )
         if version == 0:
-            # Both must precede the first table to take effect. Events are ~1 KB
-            # rows: 16 KiB pages cut B-tree splits and WAL frame overhead.
+            # Both must precede the first table to take effect. 4 KiB pages: event ids
+            # are random, so once the journal holds many events each insert dirties
+            # its own page of the id index, and every dirty page is written to the WAL
+            # whole. With 1,000,000 events held, 4 KiB pages took 0.6x the CPU and
+            # 0.5x the commit time of 16 KiB ones (300-event commits, fsync on).
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=DELETE")
-            conn.execute("PRAGMA page_size=16384")
+            conn.execute("PRAGMA page_size=4096")
             conn.execute("VACUUM")
             conn.execute("PRAGMA journal_mode=WAL")
         for target in range(version + 1, SCHEMA_VERSION + 1):
