@@ -20,40 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from benchmarks.common import cpu_seconds, machine, start_emulator, start_relay, stop, wait_lines
-from tests.support.configs import file_sink, rongcloud_source, write_config
+from benchmarks.common import machine
+from benchmarks.pipeline_file import one_run
 from tests.support.postgres import PostgresServer
-
-
-def one_run(journal: dict[str, Any], events: int, batch: int, workdir: Path) -> dict[str, float]:
-    emulator, banner = start_emulator(
-        "rongcloud", "--port", "0", "--budget", "0", "--batch-size", str(batch),
-        "--backlog", str(events), "--seed", "1", "--app-key", "bench", "--app-secret", "bench",
-    )
-    out = workdir / "events.jsonl"
-    config = write_config(
-        workdir,
-        sources={"rc": rongcloud_source(banner["urls"], app_key="bench", app_secret="bench",
-                                        requests_per_second=1000, idle_interval="50ms")},
-        sinks={"archive": file_sink(out, batch_size=2000)},
-        log={"level": "warning"},
-        journal=journal,
-    )
-    relay = start_relay(config, workdir / "relay.log")
-    try:
-        done = wait_lines(out, events, timeout=600)
-        cpu = cpu_seconds(relay.pid)
-    finally:
-        stop(relay)
-        stop(emulator)
-    with out.open("rb") as f:
-        head = [line for _, line in zip(range(5000), f, strict=False)]
-    first_fetch = min(orjson.loads(line)["fetched_at"] for line in head)
-    # CPU from process start: start-up (imports, migrations) counts against the run too.
-    return {"events_per_second": events / (done - first_fetch / 1000),
-            "cpu_us_per_event": cpu / events * 1e6}
 
 
 def main() -> None:
@@ -72,7 +41,7 @@ def main() -> None:
                     journal: dict[str, Any] = {"path": str(Path(tmp) / "relay.db")} \
                         if kind == "sqlite" else {"type": "postgres",
                                                   "dsn": server.create_database()}
-                    result = one_run(journal, args.events, args.batch, Path(tmp))
+                    result = one_run(args.events, args.batch, Path(tmp), journal)
                 results[kind].append(result)
                 print(f"run {run + 1} {kind:<8}: {result['events_per_second']:>9,.0f} events/s,"
                       f" {result['cpu_us_per_event']:5.1f} µs CPU/event (relay)", flush=True)
