@@ -25,6 +25,8 @@ import email.utils
 import errno
 import math
 import os
+import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -180,9 +182,8 @@ async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, deadli
         local = local_failure(exc)
         if local is not None:
             raise ExchangeFailed(LOCAL, local) from exc
-        reason = os.strerror(exc.errno) if exc.errno else str(exc.os_error)
-        raise ExchangeFailed(NOT_SENT, f"cannot connect to {exc.host}:{exc.port}: {reason}"
-                             ) from exc
+        raise ExchangeFailed(NOT_SENT, f"cannot connect to {exc.host}:{exc.port}:"
+                             f" {_connect_reason(exc.os_error)}") from exc
     except aiohttp.ServerTimeoutError as exc:
         raise ExchangeFailed(MAYBE_SENT, "read timeout") from exc
     except TimeoutError as exc:
@@ -191,6 +192,18 @@ async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, deadli
         # Reset, or a protocol error after the request left.
         local = local_failure(exc)
         raise ExchangeFailed(LOCAL if local else MAYBE_SENT, local or describe(exc)) from exc
+
+
+def _connect_reason(error: OSError) -> str:
+    """Why a connection failed, in the words that name it best."""
+    if isinstance(error, ssl.SSLError):
+        # "certificate verify failed: self-signed certificate", not errno 1's "not permitted".
+        return f"TLS: {getattr(error, 'verify_message', None) or error.reason or error}"
+    if isinstance(error, socket.gaierror):
+        return f"name not resolved ({error.strerror or error})"
+    if error.errno and error.errno > 0:
+        return os.strerror(error.errno)  # "Connection refused", not asyncio's "Connect call failed"
+    return str(error) or type(error).__name__
 
 
 async def _exchange(session: aiohttp.ClientSession, method: str, url: str, max_bytes: int,

@@ -324,3 +324,55 @@ def test_out_of_file_descriptors_is_named_as_the_relays_own_problem(tmp_path: Pa
     assert seen["sink"][0] == "retry"
     assert "LimitNOFILE" in seen["sink"][1]
     assert seen["breaker"] == 0
+
+
+def test_a_certificate_that_does_not_verify_is_named_and_verify_tls_false_accepts_it(
+        tmp_path: Path) -> None:
+    # A real TLS server on loopback with a self-signed certificate.
+    import asyncio
+    import ssl
+
+    from relay.sinks.webhook import WebhookSink, WebhookSinkConfig
+    from relay.sources.http import ProviderClient
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                         b"Content-Type: application/json\r\n\r\n{}")
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the verifying client hangs up during the handshake
+        finally:
+            writer.close()
+
+    async def main() -> dict[str, Any]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
+        seen: dict[str, Any] = {}
+        for verify in (True, False):
+            client = ProviderClient("rc", connect_timeout=5, read_timeout=5, verify_tls=verify)
+            got = await client.request("POST", url, data={"a": "1"})
+            await client.aclose()
+            seen[f"source verify={verify}"] = (got.kind, got.status, got.detail)
+        sink = WebhookSink("hook", WebhookSinkConfig(type="webhook", url=url, secret=SECRET))
+        seen["webhook check"] = (await sink.check())[0].detail
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    seen = asyncio.run(main())
+    print(f"a self-signed peer: {seen}")
+    kind, _, detail = seen["source verify=True"]
+    assert kind == "connect_error"
+    assert "TLS:" in detail
+    assert "certificate" in detail
+    assert seen["source verify=False"][:2] == ("response", 200)
+    assert "TLS:" in seen["webhook check"]
