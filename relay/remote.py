@@ -191,7 +191,18 @@ async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, deadli
     except (aiohttp.ClientError, OSError) as exc:
         # Reset, or a protocol error after the request left.
         local = local_failure(exc)
-        raise ExchangeFailed(LOCAL if local else MAYBE_SENT, local or describe(exc)) from exc
+        raise ExchangeFailed(LOCAL if local else MAYBE_SENT, local or _client_error(exc)
+                             ) from exc
+
+
+def _client_error(exc: BaseException) -> str:
+    """One line, and never the URL: aiohttp's texts quote it whole (query tokens too)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        first = str(exc.message).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0].rstrip(' :') if first else exc.status}"
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return "invalid URL"
+    return describe(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _connect_reason(error: OSError) -> str:

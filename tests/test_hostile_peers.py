@@ -376,3 +376,41 @@ def test_a_certificate_that_does_not_verify_is_named_and_verify_tls_false_accept
     assert "certificate" in detail
     assert seen["source verify=False"][:2] == ("response", 200)
     assert "TLS:" in seen["webhook check"]
+
+
+def test_a_peer_speaking_garbage_is_described_without_the_urls_secrets() -> None:
+    # aiohttp's protocol errors quote the URL whole; a token in its query is a secret.
+    import asyncio
+
+    from relay.sinks.webhook import WebhookSink, WebhookSinkConfig
+    from relay.sources.http import ProviderClient
+
+    token = "tok-5ecret-in-the-query"
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"GARBAGE\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> list[str]:
+        server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x?token={token}"
+        client = ProviderClient("rc", connect_timeout=5, read_timeout=5, verify_tls=True)
+        got = await client.request("GET", url)
+        await client.aclose()
+        sink = WebhookSink("hook", WebhookSinkConfig(type="webhook", url=url, secret=SECRET))
+        await sink.start()
+        _, sink_detail, _ = await sink._post([])
+        await sink.close()
+        server.close()
+        await server.wait_closed()
+        return [got.kind, got.detail, sink_detail]
+
+    kind, source_detail, sink_detail = asyncio.run(main())
+    print(f"a peer speaking garbage: {source_detail!r}")
+    assert kind == "timeout"  # sent, no usable answer: it may have acted
+    for detail in (source_detail, sink_detail):
+        assert "ClientResponseError" in detail
+        assert token not in detail
+        assert "\n" not in detail
