@@ -202,7 +202,7 @@ def _client_error(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {first[0].rstrip(' :') if first else exc.status}"
     if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return "invalid URL"
-    return describe(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return describe(exc).splitlines()[0]
 
 
 def _connect_reason(error: OSError) -> str:

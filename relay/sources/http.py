@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -102,9 +103,9 @@ class ProviderClient:
         self.deadline = deadline
         self.max_bytes = max_bytes
         self.max_retry_after = max_retry_after
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._verify_tls = verify_tls
+        self._new_session = partial(client_session, connect_timeout=connect_timeout,
+                                    read_timeout=read_timeout, verify_tls=verify_tls,
+                                    connections=16)
         # Made on first use: an HTTP session belongs to the running event loop.
         self._session: aiohttp.ClientSession | None = None
         self._last_skew_warning = 0.0
@@ -114,9 +115,7 @@ class ProviderClient:
         """One exchange within ``deadline`` (default: the configured request deadline)."""
         limit = self.deadline if deadline is None else deadline
         if self._session is None:
-            self._session = client_session(
-                connect_timeout=self._connect_timeout, read_timeout=self._read_timeout,
-                verify_tls=self._verify_tls, connections=16)
+            self._session = self._new_session()
         try:
             response = await fetch(self._session, method, url, deadline=limit,
                                    max_bytes=self.max_bytes, **kwargs)
