@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -51,21 +52,44 @@ def stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it (the relay's journal writer, say)."""
+    found = [pid]
+    for member in found:
+        try:
+            tasks = os.listdir(f"/proc/{member}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(OSError):
+                found += map(int, Path(f"/proc/{member}/task/{task}/children").read_text().split())
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of a live process and its live descendants, from /proc."""
+    total = 0.0
+    for member in descendants(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """A live process's resident memory (``VmHWM``: its peak so far) in MiB, from /proc."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """Resident memory (``VmHWM``: the peak so far) in MiB of a live process and its live
+    descendants, summed, from /proc (for peaks, the sum bounds the peak of the whole)."""
+    total = 0.0
+    for member in descendants(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
 
 
 def count_lines(path: Path) -> int:

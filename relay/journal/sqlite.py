@@ -36,7 +36,7 @@ import anyio.to_thread
 import orjson
 
 from relay.checks import CheckResult
-from relay.journal import sqlite_ledger
+from relay.journal import sqlite_commit, sqlite_dedup, sqlite_ledger
 from relay.journal.base import (
     CommitResult,
     ConversationTally,
@@ -62,9 +62,13 @@ from relay.journal.base import (
 )
 from relay.journal.group import GroupCommit, Pending
 from relay.journal.local_leases import AliveFile, LocalLeases
+from relay.journal.sqlite_tail import TailCache
+from relay.logs import get_logger
 from relay.private_files import make_private_dirs
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+log = get_logger("relay.journal")
 
 _T = TypeVar("_T")
 
@@ -102,6 +106,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # The evacuation ledger: every message id an evacuated source took (relay evacuate).
     2: sqlite_ledger.MIGRATION,
+    # Dedup without a random-order index on events.id: see sqlite_dedup.
+    3: sqlite_dedup.MIGRATION,
 }
 
 _EVENT_COLUMNS = "seq, id, fetched_at, routing, payload"
@@ -110,9 +116,6 @@ _EVENT_COLUMNS = "seq, id, fetched_at, routing, payload"
 # kernel's page cache, which is not this process's memory: with 16 MB per connection
 # the relay's RSS was ~55 MiB higher during a drain, and inserts and reads were no
 # faster, in a fresh journal or one holding 1,000,000 events.
-# Rows per INSERT statement: 5 parameters each, well under SQLite's variable limit
-# (32,766 since 3.32), and a statement short enough to parse in well under a millisecond.
-_ROWS_PER_INSERT = 1000
 _CACHE_KIB = 2048
 
 
@@ -127,15 +130,6 @@ def _lock_holder(fd: int) -> str:
     except OSError:
         return ""
     return text if text.isdigit() else ""
-
-
-def _is_disk_full(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
-        return True
-    # Some I/O failures surface only as text (extended codes vary by platform).
-    text = str(exc).lower()
-    return "disk is full" in text or "disk i/o error" in text
 
 
 class _Connection:
@@ -167,6 +161,7 @@ class SqliteJournal:
         retain_ms: int,
         min_free_bytes: int,
         dedup_window_ms: int = 86_400_000,
+        dedup_merge_at: int = sqlite_dedup.MERGE_AT,
     ) -> None:
         self.path = path
         self._writer = _Connection(writer) if writer is not None else None
@@ -174,17 +169,14 @@ class SqliteJournal:
         self._lock_fd = lock_fd
         self._retain_ms = retain_ms
         self._min_free_bytes = min_free_bytes
-        # An id already held is dropped unless its stored copy was fetched longer
-        # ago than the window: then it is re-inserted at a new seq, as new. The
-        # WHERE runs only on a conflict: the common path (a new id) pays nothing.
-        window = int(dedup_window_ms)  # an int: nothing but digits reaches the SQL
-        self._upsert_events = (
-            " ON CONFLICT(id) DO UPDATE SET seq=excluded.seq,"
-            " fetched_at=excluded.fetched_at, routing=excluded.routing, payload=excluded.payload"
-            f" WHERE events.fetched_at < excluded.fetched_at - {window}"
-        )
+        self._tail = TailCache()
         self._last_seq = self._query_max_seq(reader)
         self._written_seq = self._last_seq  # moved only by _commit_group, one at a time
+        # An id already held is dropped unless its stored copy was fetched longer ago
+        # than the window: then it is inserted again at a new seq, as new.
+        self._group_writer = sqlite_commit.GroupWriter(
+            writer, written_seq=self._written_seq, window_ms=int(dedup_window_ms),
+            merge_at=dedup_merge_at) if writer is not None else None
         self._group = GroupCommit(self._commit_group)
         self._empty_read_at = -1  # _last_seq when a read last found nothing new
         self._new_events: anyio.Event | None = None
@@ -192,7 +184,6 @@ class SqliteJournal:
         self._space_ok = True
         self._identity = self._file_identity()
         self._gone: str | None = None
-        self._ledger = sqlite_ledger.LedgerWriter()
         self._leases = LocalLeases()
         # Only the writer says it is alive; readers (relay status) leave the file alone.
         self._alive = AliveFile(Path(f"{path}.alive"), write=writer is not None)
@@ -207,6 +198,7 @@ class SqliteJournal:
         retain_seconds: float = 86400.0,
         min_free_bytes: int = 64 * 1024 * 1024,
         dedup_window_seconds: float = 86400.0,
+        dedup_merge_at: int = sqlite_dedup.MERGE_AT,
     ) -> SqliteJournal:
         """Open (creating and migrating) the journal for writing; takes the single-writer lock."""
         db_path = Path(path)
@@ -255,6 +247,7 @@ class SqliteJournal:
             retain_ms=int(retain_seconds * 1000),
             min_free_bytes=min_free_bytes,
             dedup_window_ms=int(dedup_window_seconds * 1000),
+            dedup_merge_at=dedup_merge_at,
         )
 
     @classmethod
@@ -343,12 +336,7 @@ class SqliteJournal:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-        return conn
+        return sqlite_commit.connect(str(path), _CACHE_KIB)
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -438,7 +426,7 @@ class SqliteJournal:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 self._check_intact()
-                if _is_disk_full(exc):
+                if sqlite_commit.is_disk_full(exc):
                     raise JournalFullError(f"journal write failed, no space: {exc}") from None
                 raise JournalError(f"journal write failed: {exc}") from None
             except BaseException:
@@ -453,83 +441,36 @@ class SqliteJournal:
 
     async def _commit_group(self, group: list[Pending]) -> None:
         """One transaction (one fsync) for a group of :class:`GroupCommit` callers."""
+        writer = self._group_writer
+        assert writer is not None  # _w() refused a read-only journal already
         try:
-            await self._write(lambda conn: self._apply_group(conn, group))
+            results = await self._write(lambda conn: writer.apply(group))
         except BaseException:
-            self._ledger.forget()  # what it remembered of this group was rolled back
+            writer.rolled_back()
             raise
+        writer.committed(results)
+        for pending, result in zip(group, results, strict=True):
+            pending.result = CommitResult(new=result.new, duplicates=len(result.duplicates),
+                                          quarantined=result.quarantined,
+                                          last_seq=result.last_seq)
+            if result.moved:
+                self._tail.clear()
+            if result.new:
+                self._tail.add(pending.events, result)
         # Groups are serialized by GroupCommit: the next one sees this seq.
-        self._written_seq = max(
-            [self._written_seq, *(p.result.last_seq for p in group if p.result)]
-        )
-
-    def _insert_events(self, conn: sqlite3.Connection, first: int,
-                       events: Sequence[NewEvent]) -> int:
-        """Insert with seqs from ``first``; returns how many rows were new (or renewed).
-
-        Many rows per statement, not ``executemany``: the sqlite3 module lets go
-        of the interpreter lock around each statement, and taking it back waits
-        on the event loop's thread. Per row, a 300-event commit in a thread beside
-        a busy loop took 52-70 ms (median; p90 over 500 ms); as one statement, 40.
-        """
-        new = 0
-        for start in range(0, len(events), _ROWS_PER_INSERT):
-            chunk = events[start:start + _ROWS_PER_INSERT]
-            values: list[object] = []
-            for i, e in enumerate(chunk, first + start):
-                values += (i, e[0], e[1], e[2], e[3])
-            new += conn.execute(
-                "INSERT INTO events(seq, id, fetched_at, routing, payload) VALUES "  # noqa: S608
-                + ",".join(("(?,?,?,?,?)",) * len(chunk)) + self._upsert_events,
-                values).rowcount
-        return new
-
-    def _apply_group(self, conn: sqlite3.Connection, group: list[Pending]) -> None:
-        now = _now_ms()
-        last = self._written_seq
-        for item in group:
-            new = 0
-            events = item.events
-            if events:
-                # Explicit, ever-increasing seqs (cheaper than AUTOINCREMENT); a
-                # duplicate leaves a gap, which sinks do not mind. ON CONFLICT(id)
-                # only: a clash on seq would be a bug and must fail loudly. An id
-                # accepted again after the dedup window moves to its new seq.
-                new = self._insert_events(conn, last + 1, events)
-                if new:
-                    last = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
-            if item.quarantine:
-                conn.executemany(
-                    "INSERT INTO quarantine(source, endpoint, received_at, error, raw)"
-                    " VALUES (?,?,?,?,?)",
-                    [(q.source, q.endpoint, now, q.error, q.raw) for q in item.quarantine],
-                )
-            if item.cursors:
-                conn.executemany(
-                    "INSERT INTO cursors(key, value, updated_at) VALUES (?,?,?)"
-                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
-                    " updated_at=excluded.updated_at",
-                    [(k, v, now) for k, v in item.cursors.items()],
-                )
-            if item.ledger is not None:
-                self._ledger.write(conn, item.ledger)
-            if item.sink is not None:
-                conn.execute(
-                    "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
-                    " ON CONFLICT(sink) DO UPDATE SET seq=max(seq, excluded.seq),"
-                    " updated_at=excluded.updated_at",
-                    (item.sink[0], item.sink[1], now),
-                )
-            item.result = CommitResult(
-                new=new, duplicates=len(events) - new, quarantined=len(item.quarantine),
-                last_seq=last,
-            )
-        if last != self._written_seq:
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES ('high_seq', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (last,),
-            )
+        self._written_seq = writer.written_seq
+        if writer.dedup.merge_due():
+            # Still inside the group commit's lock: the next group waits for the merge.
+            through = self._written_seq
+            try:
+                await self._write(lambda conn: writer.dedup.merge(conn, through))
+            except JournalError as exc:
+                # The group is committed all the same; the tail stays in memory and the
+                # merge is tried again after the next commit.
+                log.warning("journal dedup merge failed; retried after the next commit",
+                            error=str(exc))
+            else:
+                writer.dedup.merged(through)
 
     async def commit_batch(
         self,
@@ -573,7 +514,9 @@ class SqliteJournal:
             return list(map(StoredEvent._make, rows))
 
         known = self._last_seq
-        rows = await self._reader.run(query)
+        rows = self._tail.read(after_seq, limit)
+        if rows is None:
+            rows = await self._reader.run(query)
         if not rows:
             self._empty_read_at = known
         return rows
@@ -664,11 +607,10 @@ class SqliteJournal:
 
     async def event_seq(self, event_id: str, fetched_at: int | None = None) -> int | None:
         def query(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute("SELECT seq, fetched_at FROM events WHERE id = ?",
-                               (event_id,)).fetchone()
-            if row is None or (fetched_at is not None and int(row[1]) != fetched_at):
+            row = sqlite_dedup.lookup(conn, event_id)
+            if row is None or (fetched_at is not None and row[1] != fetched_at):
                 return None
-            return int(row[0])
+            return row[0]
 
         return await self._reader.run(query)
 
@@ -776,6 +718,10 @@ class SqliteJournal:
         def apply(conn: sqlite3.Connection) -> dict[str, int]:
             counts = {}
             conn.execute("PRAGMA secure_delete=ON")  # erased chat content is overwritten
+            if not dry_run:
+                erased.extend(i for (i,) in conn.execute(
+                    f"SELECT id FROM events WHERE {where_event}", (user_id, user_id)))  # noqa: S608
+                conn.executemany("DELETE FROM seen WHERE id = ?", [(i,) for i in erased])
             for table in ("events", "dead_letters"):
                 verb = "SELECT count(*)" if dry_run else "DELETE"
                 cur = conn.execute(f"{verb} FROM {table} WHERE {where_event}",
@@ -787,8 +733,13 @@ class SqliteJournal:
             counts["quarantine"] = cur.fetchone()[0] if dry_run else cur.rowcount
             return counts
 
+        erased: list[str] = []
         counts = await self._write(apply)
         if not dry_run:
+            self._tail.clear()
+            writer = self._group_writer
+            if writer is not None:
+                await self._w().run(lambda conn: writer.dedup.drop(erased))
             # Freed pages still hold the bytes until reused: give them back and scrub.
             def vacuum(conn: sqlite3.Connection) -> None:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -879,6 +830,7 @@ class SqliteJournal:
             deleted = 0
             # Chunks keep each transaction (and the writer's lock) short.
             while True:
+                conn.execute(sqlite_dedup.FORGET_COMPACTED, (delivered, cutoff, 20000))
                 cur = conn.execute(
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq <= ?"
                     " AND fetched_at < ? ORDER BY seq LIMIT 20000)",
@@ -894,6 +846,7 @@ class SqliteJournal:
 
         deleted = await self._write(apply)
         if deleted:
+            self._tail.clear()  # a slow journal's tail can be older than the retention
             await self._w().run(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
         return deleted
 

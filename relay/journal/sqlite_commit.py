@@ -1,0 +1,142 @@
+"""The SQLite journal's group commit: what one transaction writes for a group of callers.
+
+A group is the events of every source batch waiting (deduplicated by
+:mod:`relay.journal.sqlite_dedup`), their cursors, quarantined records and ledger
+entries, and sink cursors. It runs on the writer connection's thread.
+
+(A process of its own for this was measured and not kept: the pickling and the socket
+cost the event loop what the interpreter lock had, and a second interpreter's memory,
+for no more events per second: 23,400 vs 22,500-25,200 in the thread, 41 vs 35-37 µs of
+CPU per event, 116 vs 89 MiB.)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay.journal import sqlite_dedup, sqlite_ledger
+from relay.journal.base import NewEvent
+from relay.journal.group import Pending
+
+# Rows per INSERT statement: 5 parameters each, well under SQLite's variable limit
+# (32,766 since 3.32), and a statement short enough to parse in well under a millisecond.
+_ROWS_PER_INSERT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """``new`` events got the seqs up to ``last_seq``, in order, all but those at
+    ``duplicates`` (their positions in the item's events)."""
+
+    new: int
+    duplicates: tuple[int, ...]
+    quarantined: int
+    last_seq: int
+    moved: tuple[int, ...] = ()  # seqs of older copies deleted (accepted again after the window)
+
+
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return True
+    # Some I/O failures surface only as text (extended codes vary by platform).
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
+
+
+class GroupWriter:
+    """Applies groups on the writer connection, from its thread only."""
+
+    def __init__(self, conn: sqlite3.Connection, *, written_seq: int, window_ms: int,
+                 merge_at: int) -> None:
+        self.conn = conn
+        self.written_seq = written_seq
+        self.dedup = sqlite_dedup.DedupIndex(conn, window_ms=window_ms, merge_at=merge_at)
+        self.ledger = sqlite_ledger.LedgerWriter()
+
+    def rolled_back(self) -> None:
+        """The transaction :meth:`apply` ran in rolled back: forget what it remembered."""
+        self.ledger.forget()
+        self.dedup.forget()
+
+    def committed(self, results: Sequence[ItemResult]) -> None:
+        self.dedup.commit()
+        if results:
+            self.written_seq = max(self.written_seq, results[-1].last_seq)
+
+    def _insert(self, first: int, events: Sequence[NewEvent]) -> None:
+        """Insert with seqs from ``first``, many rows per statement: one call into SQLite
+        per thousand rows instead of one per row."""
+        for start in range(0, len(events), _ROWS_PER_INSERT):
+            chunk = events[start:start + _ROWS_PER_INSERT]
+            values: list[object] = []
+            for i, e in enumerate(chunk, first + start):
+                values += (i, e[0], e[1], e[2], e[3])
+            self.conn.execute(
+                "INSERT INTO events(seq, id, fetched_at, routing, payload) VALUES "  # noqa: S608
+                + ",".join(("(?,?,?,?,?)",) * len(chunk)), values)
+
+    def apply(self, items: Sequence[Pending]) -> list[ItemResult]:
+        """Write ``items`` inside the caller's transaction; then :meth:`committed` or
+        :meth:`rolled_back`."""
+        conn = self.conn
+        now = int(time.time() * 1000)
+        last = self.written_seq
+        results = []
+        for item in items:
+            duplicates: tuple[int, ...] = ()
+            moved: list[int] = []
+            events = item.events
+            if events:
+                # Explicit, ever-increasing seqs without gaps (cheaper than AUTOINCREMENT):
+                # duplicates are found before the insert.
+                fresh, duplicates, moved = self.dedup.new_events(conn, events)
+                if moved:  # accepted again after the dedup window: moves to its new seq
+                    conn.executemany("DELETE FROM events WHERE seq = ?", [(q,) for q in moved])
+                if fresh:
+                    self._insert(last + 1, fresh)
+                    last += len(fresh)
+            if item.quarantine:
+                conn.executemany(
+                    "INSERT INTO quarantine(source, endpoint, received_at, error, raw)"
+                    " VALUES (?,?,?,?,?)",
+                    [(q.source, q.endpoint, now, q.error, q.raw) for q in item.quarantine],
+                )
+            if item.cursors:
+                conn.executemany(
+                    "INSERT INTO cursors(key, value, updated_at) VALUES (?,?,?)"
+                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
+                    " updated_at=excluded.updated_at",
+                    [(k, v, now) for k, v in item.cursors.items()],
+                )
+            if item.ledger is not None:
+                self.ledger.write(conn, item.ledger)
+            if item.sink is not None:
+                conn.execute(
+                    "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
+                    " ON CONFLICT(sink) DO UPDATE SET seq=max(seq, excluded.seq),"
+                    " updated_at=excluded.updated_at",
+                    (item.sink[0], item.sink[1], now),
+                )
+            results.append(ItemResult(new=len(events) - len(duplicates), duplicates=duplicates,
+                                      quarantined=len(item.quarantine), last_seq=last,
+                                      moved=tuple(moved)))
+        if last != self.written_seq:
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('high_seq', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (last,),
+            )
+        return results
+
+
+def connect(path: str, cache_kib: int) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA cache_size=-{cache_kib}")
+    return conn

@@ -1,0 +1,70 @@
+"""The journal's newest events, kept in memory for the sinks that follow close behind.
+
+A sink that keeps up reads what was committed a moment ago; from here that read is a
+list slice instead of a query on another thread (2,000 rows: 4.5 ms, most of it
+building tuples while holding the interpreter lock the event loop needs). A sink
+further behind than the cache holds reads from SQLite as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from relay.journal.base import NewEvent, StoredEvent
+
+# About 1 KB per event. Payloads and routings are copied in: orjson's bytes keep the
+# 4 KiB buffer they were written into (a 550-byte event held 4 KiB, so 8,000 of them
+# 32 MiB instead of 4); an exact copy is 0.15 µs.
+TAIL_EVENTS = 8_000
+_EMPTY = b""
+
+
+class _Committed(Protocol):
+    @property
+    def last_seq(self) -> int: ...
+    @property
+    def new(self) -> int: ...
+    @property
+    def duplicates(self) -> tuple[int, ...]: ...
+
+
+class TailCache:
+    """Every event with seq in [first, first + len): contiguous, in seq order."""
+
+    def __init__(self, size: int = TAIL_EVENTS) -> None:
+        self._size = size
+        self._events: list[StoredEvent] = []
+        self._first = 0
+
+    def clear(self) -> None:
+        """Rows were deleted (erasure, an id moving to a new seq): trust SQLite again."""
+        self._events = []
+
+    def add(self, events: Sequence[NewEvent], committed: _Committed) -> None:
+        """``committed.new`` of ``events`` (all but ``committed.duplicates``) now end at
+        ``committed.last_seq``."""
+        first = committed.last_seq - committed.new + 1
+        if self._events and first != self._first + len(self._events):
+            self._events = []  # not adjacent (never, with one writer): start again
+        if not self._events:
+            self._first = first
+        skip = set(committed.duplicates)
+        seq = first
+        for position, e in enumerate(events):
+            if position in skip:
+                continue
+            self._events.append(StoredEvent(
+                seq, e[0], e[1], _EMPTY.join((e[2], _EMPTY)), _EMPTY.join((e[3], _EMPTY))))
+            seq += 1
+        excess = len(self._events) - self._size
+        if excess > self._size // 4:  # trimmed now and then, not at every commit
+            del self._events[:excess]
+            self._first += excess
+
+    def read(self, after_seq: int, limit: int) -> list[StoredEvent] | None:
+        """The events after ``after_seq`` (at most ``limit``), or None if not all are here."""
+        if not self._events or after_seq + 1 < self._first:
+            return None
+        start = after_seq + 1 - self._first
+        return self._events[start:start + limit]

@@ -1,0 +1,124 @@
+"""The SQLite journal's dedup without a unique index (relay.journal.sqlite_dedup).
+
+The conformance suite holds both backends to the same dedup behaviour; these tests
+reach the parts only SQLite has: the in-memory tail, its merge into ``seen`` (forced
+often here with a tiny ``dedup_merge_at``), the tail rebuilt on reopen, the tail
+cache the sinks read from, and the migration of a journal written with the unique index.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.journal import NewEvent
+from relay.journal import sqlite as sqlite_backend
+from relay.journal.sqlite import SqliteJournal
+from relay.journal.sqlite_tail import TAIL_EVENTS
+
+pytestmark = pytest.mark.anyio
+
+ROUTING = b'["rc","rongcloud","message","direct","","x"]'
+
+
+def event(n: int, *, fetched_at: int | None = None) -> NewEvent:
+    now = fetched_at if fetched_at is not None else int(time.time() * 1000)
+    return NewEvent(f"rc:m{n}", now, ROUTING, b'{"id":"rc:m%d"}' % n, now)
+
+
+def seen_rows(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
+
+
+async def test_duplicates_are_found_in_the_tail_in_seen_and_across_a_reopen(
+        tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        for start in range(0, 25, 5):
+            result = await journal.commit_batch([event(n) for n in range(start, start + 5)])
+            assert result.new == 5
+        merged = seen_rows(path)
+        assert 10 <= merged < 25  # some merged, some still in the tail
+        again = await journal.commit_batch([event(n) for n in range(25)])
+        assert (again.new, again.duplicates) == (0, 25)
+        # Seqs have no gaps from duplicates: 25 events, seqs 1..25.
+        assert [e.seq for e in await journal.read(0, 100)] == list(range(1, 26))
+        assert await journal.event_seq("rc:m0") == 1  # merged into seen
+        assert await journal.event_seq("rc:m24") == 25  # in the tail
+    finally:
+        await journal.close()
+    reopened = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        result = await reopened.commit_batch([event(n) for n in range(27)])
+        assert (result.new, result.duplicates) == (2, 25)
+        assert result.last_seq == 27
+    finally:
+        await reopened.close()
+
+
+async def test_an_id_older_than_the_window_moves_to_its_new_seq_from_seen_and_the_tail(
+        tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    old = int(time.time() * 1000) - 2 * 3_600_000
+    journal = SqliteJournal.open(path, dedup_merge_at=3, dedup_window_seconds=3600)
+    try:
+        await journal.commit_batch([event(n, fetched_at=old) for n in range(3)])  # merged
+        await journal.commit_batch([event(n, fetched_at=old) for n in range(3, 5)])  # tail
+        result = await journal.commit_batch([event(n) for n in (0, 4)])
+        assert (result.new, result.duplicates) == (2, 0)
+        seqs = {e.id: e.seq for e in await journal.read(0, 100)}
+        assert seqs == {"rc:m1": 2, "rc:m2": 3, "rc:m3": 4, "rc:m0": 6, "rc:m4": 7}
+        assert await journal.event_seq("rc:m0", old) is None
+        assert await journal.event_seq("rc:m0") == 6
+    finally:
+        await journal.close()
+
+
+async def test_a_sink_close_behind_reads_the_tail_cache_and_a_far_one_sqlite(
+        tmp_path: Path) -> None:
+    journal = SqliteJournal.open(tmp_path / "relay.db")
+    try:
+        total = TAIL_EVENTS * 2
+        for start in range(0, total, 1000):
+            await journal.commit_batch([event(n) for n in range(start, start + 1000)])
+        # Far behind: from SQLite; close behind: from memory. The same rows either way.
+        far = await journal.read(0, 5)
+        near = await journal.read(total - 3, 10)
+        assert [e.seq for e in far] == [1, 2, 3, 4, 5]
+        assert [(e.seq, e.id, e.payload) for e in near] == [
+            (n + 1, f"rc:m{n}", b'{"id":"rc:m%d"}' % n) for n in range(total - 3, total)]
+        assert await journal.read(total, 10) == []
+        erased = await journal.erase_user("nobody")
+        assert erased["events"] == 0
+    finally:
+        await journal.close()
+
+
+async def test_a_journal_written_with_the_unique_index_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version in (1, 2):
+        for statement in sqlite_backend._MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=2")
+    now = int(time.time() * 1000)
+    conn.executemany("INSERT INTO events(seq, id, fetched_at, routing, payload) VALUES"
+                     " (?,?,?,?,?)", [(n + 1, f"rc:m{n}", now, ROUTING, b"{}") for n in range(4)])
+    conn.close()
+    journal = SqliteJournal.open(path)
+    try:
+        result = await journal.commit_batch([event(n) for n in range(6)])
+        assert (result.new, result.duplicates, result.last_seq) == (2, 4, 6)
+        assert await journal.event_seq("rc:m2") == 3
+    finally:
+        await journal.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == sqlite_backend.SCHEMA_VERSION
+        indexes = check.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
+                                " AND tbl_name = 'events'").fetchall()
+        assert indexes == []  # no index on events.id left to dirty a page per insert
