@@ -4,11 +4,11 @@ The stages run one after the other in this process on the same data (a
 RongCloud backlog served by a real emulator on loopback), each timed on its
 own with the process's CPU clock:
 
-- receive:   the HTTP exchange (httpx, the answer's bytes) through the relay's client
+- receive:   the HTTP exchange (aiohttp, the answer's bytes) through the relay's client
 - parse:     the answer's JSON
 - normalize: provider record → event dict
 - serialize: event dict → journal row (JSON payload, routing)
-- insert:    the journal's commit (SQLite, WAL, synchronous=FULL), group by group
+- insert:    the journal's commit (SQLite, WAL, synchronous=FULL), one answer at a time
 - read:      the sink runner's read back from the journal
 - write:     the file sink's write (fsync per batch)
 

@@ -4,6 +4,7 @@ commits survive cancellation, a really full disk pauses and resumes."""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import subprocess
 import sys
 import time
@@ -220,7 +221,16 @@ def test_a_really_full_disk_pauses_everything_and_resumes_when_space_returns(
             journal={"path": str(disk / "relay.db"), "min_free_bytes": 1},
             metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
         relay = RelayProcess(config, tmp_path / "relay.log").start()
+        # A reader's snapshot held open from the start (``relay status``, a backup): the
+        # WAL can be neither checkpointed past it nor reused from its start, so every
+        # write, a sink cursor's too, needs new space. (Without one, small writes go on
+        # in the WAL's space already allocated, full disk or not.)
+        snapshot = sqlite3.connect(":memory:")
         try:
+            wait_for(lambda: "relay started" in relay.log_text(), timeout=30)
+            snapshot = sqlite3.connect(disk / "relay.db")
+            snapshot.execute("BEGIN")
+            snapshot.execute("SELECT count(*) FROM events").fetchone()
             for i in range(20):
                 provider.queue("person", rc_answer(i * 100, 100))
             wait_for(lambda: metric(port, "relay_source_events_total", outcome="new") >= 2000,
@@ -238,10 +248,12 @@ def test_a_really_full_disk_pauses_everything_and_resumes_when_space_returns(
             time.sleep(6)  # long enough for a crashed runner to restart and re-send once
             assert relay.running()
             assert "unexpectedly" not in relay.log_text(), "the sink runner crashed"
+            snapshot.close()
             ballast.unlink()
             wait_for(lambda: len({e["id"] for e in receiver.delivered_events()}) >= 4000,
                      timeout=120, message="everything delivered once space returned")
         finally:
+            snapshot.close()
             relay.stop()
         delivered = Counter(e["id"] for e in receiver.delivered_events())
     assert len(delivered) == 4000

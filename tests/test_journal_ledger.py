@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.journal import JournalError, LedgerBatch, LedgerEntry, NewEvent
-from relay.journal.sqlite import _MIGRATIONS, SqliteJournal
+from relay.journal.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteJournal
 
 pytestmark = pytest.mark.anyio
 
@@ -53,5 +53,5 @@ async def test_version_1_journal_migrates_to_the_ledger(tmp_path: Path) -> None:
     finally:
         await journal.close()
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     check.close()

@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +63,7 @@ from relay.journal.base import (
 )
 from relay.journal.group import GroupCommit, Pending
 from relay.journal.local_leases import AliveFile, LocalLeases
+from relay.journal.sqlite_checkpoint import WRITER_AUTOCHECKPOINT, Checkpointer
 from relay.journal.sqlite_tail import TailCache
 from relay.logs import get_logger
 from relay.private_files import make_private_dirs
@@ -170,6 +172,10 @@ class SqliteJournal:
         self._retain_ms = retain_ms
         self._min_free_bytes = min_free_bytes
         self._tail = TailCache()
+        self._checkpointer: Checkpointer | None = None
+        if writer is not None:
+            writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}")
+            self._checkpointer = Checkpointer(partial(self._connect, path), log.warning)
         self._last_seq = self._query_max_seq(reader)
         self._written_seq = self._last_seq  # moved only by _commit_group, one at a time
         # An id already held is dropped unless its stored copy was fetched longer ago
@@ -358,6 +364,7 @@ class SqliteJournal:
             conn.execute("VACUUM")
             conn.execute("PRAGMA journal_mode=WAL")
         for target in range(version + 1, SCHEMA_VERSION + 1):
+            started = time.monotonic()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in _MIGRATIONS[target]:
@@ -367,6 +374,9 @@ class SqliteJournal:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            if version:  # an existing journal (version 3 rewrites the events table)
+                log.info("journal schema migrated", version=target,
+                         seconds=round(time.monotonic() - started, 1))
         # Who this journal is (``relay journal copy`` marks its target with it); not a
         # schema change: older files gain the row at their next writable open.
         conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('journal_id', ?)",
@@ -449,6 +459,8 @@ class SqliteJournal:
             writer.rolled_back()
             raise
         writer.committed(results)
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
         for pending, result in zip(group, results, strict=True):
             pending.result = CommitResult(new=result.new, duplicates=len(result.duplicates),
                                           quarantined=result.quarantined,
@@ -917,6 +929,8 @@ class SqliteJournal:
         return await self._reader.run(query)
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            await anyio.to_thread.run_sync(self._checkpointer.close)
         self._alive.close()
         for conn in (self._writer, self._reader):
             if conn is not None:

@@ -1,14 +1,15 @@
-"""The SQLite journal's dedup without a unique index (relay.journal.sqlite_dedup).
+"""What only the SQLite journal has, beyond the conformance suite both backends pass.
 
-The conformance suite holds both backends to the same dedup behaviour; these tests
-reach the parts only SQLite has: the in-memory tail, its merge into ``seen`` (forced
-often here with a tiny ``dedup_merge_at``), the tail rebuilt on reopen, the tail
-cache the sinks read from, and the migration of a journal written with the unique index.
+Dedup without a unique index (relay.journal.sqlite_dedup): the in-memory tail, its
+merge into ``seen`` (forced often here with a tiny ``dedup_merge_at``), the tail
+rebuilt on reopen, and the migration of a journal written with the unique index; the
+tail cache the sinks read from; checkpoints beside the writer.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -122,3 +123,21 @@ async def test_a_journal_written_with_the_unique_index_is_migrated(tmp_path: Pat
         indexes = check.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
                                 " AND tbl_name = 'events'").fetchall()
         assert indexes == []  # no index on events.id left to dirty a page per insert
+
+
+async def test_checkpoints_beside_the_writer_keep_the_wal_small(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path)
+    payload = b"x" * 1000
+    try:
+        for batch in range(200):  # 20 MB of events, 200 commits
+            now = int(time.time() * 1000)
+            await journal.commit_batch([
+                NewEvent(f"rc:b{batch}-{n}", now, ROUTING, payload, now) for n in range(100)])
+        # The writer's own checkpoint waits for 64 MiB of WAL: only the checkpoint
+        # thread keeps it to a few MB (the WAL is reused from its start once backfilled).
+        wal = Path(f"{path}-wal").stat().st_size
+        assert wal < 8 * 1024 * 1024, f"WAL of {wal} bytes after 20 MB of commits"
+    finally:
+        await journal.close()
+    assert not [t for t in threading.enumerate() if t.name == "relay-journal-checkpoint"]
