@@ -47,6 +47,9 @@ async def test_duplicates_are_found_in_the_tail_in_seen_and_across_a_reopen(
         assert 10 <= merged < 25  # some merged, some still in the tail
         again = await journal.commit_batch([event(n) for n in range(25)])
         assert (again.new, again.duplicates) == (0, 25)
+        # The same held id twice in one batch, from seen and from the tail: both dropped.
+        twice = await journal.commit_batch([event(0), event(0), event(24), event(24)])
+        assert (twice.new, twice.duplicates) == (0, 4)
         # Seqs have no gaps from duplicates: 25 events, seqs 1..25.
         assert [e.seq for e in await journal.read(0, 100)] == list(range(1, 26))
         assert await journal.event_seq("rc:m0") == 1  # merged into seen

@@ -97,7 +97,8 @@ class DedupIndex:
                 fetched = recent.get(event.id)
             old_seq: int | None = None
             if fetched is None and event.id in stored:
-                old_seq, fetched = stored.pop(event.id)
+                # Not popped: the same id again later in this batch is a duplicate too.
+                old_seq, fetched = stored[event.id]
             if fetched is not None and fetched >= event.fetched_at - self._window_ms:
                 duplicates.append(position)  # held, and not older than the window
                 continue
