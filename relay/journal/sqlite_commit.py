@@ -88,14 +88,17 @@ class GroupWriter:
         results = []
         for item in items:
             duplicates: tuple[int, ...] = ()
-            moved: list[int] = []
+            moved: list[tuple[str, int]] = []
             events = item.events
             if events:
                 # Explicit, ever-increasing seqs without gaps (cheaper than AUTOINCREMENT):
                 # duplicates are found before the insert.
                 fresh, duplicates, moved = self.dedup.new_events(conn, events)
                 if moved:  # accepted again after the dedup window: moves to its new seq
-                    conn.executemany("DELETE FROM events WHERE seq = ?", [(q,) for q in moved])
+                    conn.executemany("DELETE FROM events WHERE seq = ?", [(q,) for _, q in moved])
+                    # Its new copy is in the tail until the next merge; seen must not keep
+                    # naming the deleted one (event_seq, compaction match on (id, seq)).
+                    conn.executemany("DELETE FROM seen WHERE id = ? AND seq = ?", moved)
                 if fresh:
                     self._insert(last + 1, fresh)
                     last += len(fresh)
@@ -123,7 +126,7 @@ class GroupWriter:
                 )
             results.append(ItemResult(new=len(events) - len(duplicates), duplicates=duplicates,
                                       quarantined=len(item.quarantine), last_seq=last,
-                                      moved=tuple(moved)))
+                                      moved=tuple(q for _, q in moved)))
         if last != self.written_seq:
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('high_seq', ?)"

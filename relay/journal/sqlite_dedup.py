@@ -81,16 +81,16 @@ class DedupIndex:
         return len(self._recent)
 
     def new_events(self, conn: sqlite3.Connection, events: Sequence[NewEvent]
-                   ) -> tuple[list[NewEvent], tuple[int, ...], list[int]]:
-        """The events to insert (the first of each id not held within the window), the
-        positions of the others (duplicates), and the seqs of older copies to delete: an id
-        accepted again after the window moves to its new seq."""
+                   ) -> tuple[list[NewEvent], tuple[int, ...], list[tuple[str, int]]]:
+        """The events to insert (of each id not held within the window, its last copy),
+        the positions of the others (duplicates), and the (id, seq) of stored copies to
+        delete: an id accepted again after the window moves to its new seq."""
         recent, added = self._recent, self._added
         unknown = [e.id for e in events if e.id not in added and e.id not in recent]
         stored = self._probe(conn, unknown) if unknown else {}
-        fresh: list[NewEvent] = []
+        chosen: dict[str, int] = {}  # id -> position of the copy to insert
         duplicates: list[int] = []
-        moved: list[int] = []
+        moved: list[tuple[str, int]] = []
         for position, event in enumerate(events):
             fetched = added.get(event.id)
             if fetched is None:
@@ -103,10 +103,17 @@ class DedupIndex:
                 duplicates.append(position)  # held, and not older than the window
                 continue
             if fetched is not None:
-                moved.extend(self._copies(conn, event.id, old_seq))
+                earlier = chosen.get(event.id)
+                if earlier is not None:
+                    # An earlier copy in this same batch, more than the window older:
+                    # this one replaces it, as the old upsert did.
+                    duplicates.append(earlier)
+                else:
+                    moved.extend((event.id, seq) for seq in self._copies(conn, event.id, old_seq))
             added[event.id] = event.fetched_at
-            fresh.append(event)
-        return fresh, tuple(duplicates), moved
+            chosen[event.id] = position
+        fresh = [events[p] for p in sorted(chosen.values())]
+        return fresh, tuple(sorted(duplicates)), moved
 
     def _probe(self, conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[int, int]]:
         found: dict[str, tuple[int, int]] = {}
