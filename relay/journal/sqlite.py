@@ -134,6 +134,15 @@ def _lock_holder(fd: int) -> str:
     return text if text.isdigit() else ""
 
 
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return True
+    # Some I/O failures surface only as text (extended codes vary by platform).
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
+
+
 class _Connection:
     """A sqlite3 connection used by one thread at a time."""
 
@@ -342,7 +351,12 @@ class SqliteJournal:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        return sqlite_commit.connect(str(path), _CACHE_KIB)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        return conn
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -436,7 +450,7 @@ class SqliteJournal:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 self._check_intact()
-                if sqlite_commit.is_disk_full(exc):
+                if _is_disk_full(exc):
                     raise JournalFullError(f"journal write failed, no space: {exc}") from None
                 raise JournalError(f"journal write failed: {exc}") from None
             except BaseException:

@@ -38,15 +38,6 @@ class ItemResult:
     moved: tuple[int, ...] = ()  # seqs of older copies deleted (accepted again after the window)
 
 
-def is_disk_full(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
-        return True
-    # Some I/O failures surface only as text (extended codes vary by platform).
-    text = str(exc).lower()
-    return "disk is full" in text or "disk i/o error" in text
-
-
 class GroupWriter:
     """Applies groups on the writer connection, from its thread only."""
 
@@ -134,12 +125,3 @@ class GroupWriter:
                 (last,),
             )
         return results
-
-
-def connect(path: str, cache_kib: int) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute(f"PRAGMA cache_size=-{cache_kib}")
-    return conn

@@ -77,9 +77,6 @@ class DedupIndex:
             (self._seen_through,)))
         self._added: dict[str, int] = {}  # by the transaction under way
 
-    def __len__(self) -> int:
-        return len(self._recent)
-
     def new_events(self, conn: sqlite3.Connection, events: Sequence[NewEvent]
                    ) -> tuple[list[NewEvent], tuple[int, ...], list[tuple[str, int]]]:
         """The events to insert (of each id not held within the window, its last copy),

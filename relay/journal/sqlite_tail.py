@@ -9,24 +9,15 @@ further behind than the cache holds reads from SQLite as before.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from relay.journal.base import NewEvent, StoredEvent
+from relay.journal.sqlite_commit import ItemResult
 
 # About 1 KB per event. Payloads and routings are copied in: orjson's bytes keep the
 # 4 KiB buffer they were written into (a 550-byte event held 4 KiB, so 8,000 of them
 # 32 MiB instead of 4); an exact copy is 0.15 µs.
 TAIL_EVENTS = 8_000
 _EMPTY = b""
-
-
-class _Committed(Protocol):
-    @property
-    def last_seq(self) -> int: ...
-    @property
-    def new(self) -> int: ...
-    @property
-    def duplicates(self) -> tuple[int, ...]: ...
 
 
 class TailCache:
@@ -41,7 +32,7 @@ class TailCache:
         """Rows were deleted (erasure, an id moving to a new seq): trust SQLite again."""
         self._events = []
 
-    def add(self, events: Sequence[NewEvent], committed: _Committed) -> None:
+    def add(self, events: Sequence[NewEvent], committed: ItemResult) -> None:
         """``committed.new`` of ``events`` (all but ``committed.duplicates``) now end at
         ``committed.last_seq``."""
         first = committed.last_seq - committed.new + 1
