@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from relay.journal import NewEvent
@@ -177,5 +178,34 @@ async def test_a_moved_copy_compacted_before_the_merge_leaves_no_seq_behind(
         assert await journal.read(0, 10) == []
         assert await journal.event_seq("rc:m1") is None
         assert await journal.event_seq("rc:m1", t0) is None
+    finally:
+        await journal.close()
+
+
+async def test_a_commit_reaches_its_thread_without_waiting_for_the_loop(tmp_path: Path) -> None:
+    """A source's commit is on the path of its next request: it must not first wait
+    behind every other ready task (another endpoint parsing an answer). Here a task
+    that holds the loop for a while is ready when the commit starts; the row must be
+    on disk before that task gives the loop back."""
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path)
+    seen_by_hog: list[int] = []
+
+    def committed_rows() -> int:
+        with sqlite3.connect(path) as conn:
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    async def hog() -> None:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and committed_rows() == 0:
+            time.sleep(0.005)  # holds the loop: what a long parse does
+        seen_by_hog.append(committed_rows())
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hog)  # ready before the commit below starts
+            result = await journal.commit_batch([event(n) for n in range(100)])
+        assert result.new == 100
+        assert seen_by_hog == [100]
     finally:
         await journal.close()

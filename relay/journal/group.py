@@ -57,7 +57,8 @@ class GroupCommit:
         """Commit ``item`` (with whatever else is waiting); raises its error."""
         self._queue.append(item)
         if self._lock is None:
-            self._lock = anyio.Lock()
+            # No turn of the loop when the lock is free: a commit is on its source's path.
+            self._lock = anyio.Lock(fast_acquire=True)
         try:
             await self._lock.acquire()
         except BaseException:

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -67,6 +66,7 @@ from relay.journal.sqlite_checkpoint import WRITER_AUTOCHECKPOINT, Checkpointer
 from relay.journal.sqlite_tail import TailCache
 from relay.logs import get_logger
 from relay.private_files import make_private_dirs
+from relay.worker_thread import WorkerThread
 
 SCHEMA_VERSION = 3
 
@@ -144,19 +144,14 @@ def _is_disk_full(exc: sqlite3.Error) -> bool:
 
 
 class _Connection:
-    """A sqlite3 connection used by one thread at a time."""
+    """A sqlite3 connection and the one thread that uses it."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, name: str) -> None:
         self.conn = conn
-        self.limiter = anyio.CapacityLimiter(1)
-        self.lock = threading.Lock()
+        self.thread = WorkerThread(name)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        def call() -> _T:
-            with self.lock:
-                return fn(self.conn)
-
-        return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+        return await self.thread.run(partial(fn, self.conn))
 
 
 class SqliteJournal:
@@ -175,8 +170,9 @@ class SqliteJournal:
         dedup_merge_at: int = sqlite_dedup.MERGE_AT,
     ) -> None:
         self.path = path
-        self._writer = _Connection(writer) if writer is not None else None
-        self._reader = _Connection(reader)
+        self._writer = _Connection(writer, "relay-journal-writer") \
+            if writer is not None else None
+        self._reader = _Connection(reader, "relay-journal-reader")
         self._lock_fd = lock_fd
         self._retain_ms = retain_ms
         self._min_free_bytes = min_free_bytes
@@ -949,6 +945,7 @@ class SqliteJournal:
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.run(lambda c: c.close())
+                conn.thread.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -23,11 +23,10 @@ import shutil
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import anyio
-import anyio.to_thread
 import orjson
 from pydantic import Field
 
@@ -37,6 +36,7 @@ from relay.journal import StoredEvent
 from relay.logs import get_logger
 from relay.private_files import make_private_dirs
 from relay.sinks.base import Advance, DeliveryResult, RetryableError, SinkConfig, SinkPosition
+from relay.worker_thread import WorkerThread
 
 log = get_logger("relay.sink.file")
 
@@ -169,8 +169,8 @@ def finish_interrupted_rotation(path: Path, gzipped: bool) -> list[Path]:
     """After a crash mid-compression: drop partial files, compress what was left plain."""
     finished = []
     pattern = f"{path.stem}-*{path.suffix}"
-    for partial in path.parent.glob(f".{pattern}.gz.partial"):
-        partial.unlink()
+    for leftover in path.parent.glob(f".{pattern}.gz.partial"):
+        leftover.unlink()
     for plain in sorted(path.parent.glob(pattern)):
         packed = _packed_name(plain)
         if packed.exists() and _gzip_is_whole(packed):
@@ -259,10 +259,10 @@ class FileSink:
         self._file: IO[bytes] | None = None
         self._size = 0
         self._opened_at = 0.0
-        self._limiter = anyio.CapacityLimiter(1)
+        self._thread = WorkerThread(f"relay-file-{name}")
 
     async def start(self) -> None:
-        await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
+        await self._thread.run(self._open)
 
     def _open(self) -> None:
         make_private_dirs(self.path.parent)
@@ -282,7 +282,7 @@ class FileSink:
             or time.time()
 
     async def position(self) -> SinkPosition | None:
-        return await anyio.to_thread.run_sync(self._position, limiter=self._limiter)
+        return await self._thread.run(self._position)
 
     def _position(self) -> SinkPosition | None:
         if self._file is None:
@@ -342,10 +342,10 @@ class FileSink:
     async def deliver(self, events: Sequence[StoredEvent],
                       advance: Advance | None = None) -> DeliveryResult:
         try:
-            await anyio.to_thread.run_sync(self._write, events, limiter=self._limiter)
+            await self._thread.run(partial(self._write, events))
         except OSError as exc:
             # The file may now end with a partial line: reopen (and repair) before retrying.
-            await anyio.to_thread.run_sync(self._reset, limiter=self._limiter)
+            await self._thread.run(self._reset)
             raise RetryableError(f"cannot write {self.path}: {exc.strerror}") from None
         return DeliveryResult()
 
@@ -356,7 +356,8 @@ class FileSink:
             self._file = None
 
     async def close(self) -> None:
-        await anyio.to_thread.run_sync(self._reset, limiter=self._limiter)
+        await self._thread.run(self._reset)
+        self._thread.close()
 
     async def check(self) -> list[CheckResult]:
         folder = self.path.parent
