@@ -27,6 +27,7 @@ class WorkerThread:
     def __init__(self, name: str) -> None:
         self._name = name
         self._executor: ThreadPoolExecutor | None = None
+        self.pending = 0  # calls handed over and not yet finished (the running one too)
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         """``fn()`` on the thread. Like ``anyio.to_thread.run_sync``, a cancelled
@@ -36,8 +37,12 @@ class WorkerThread:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
         context = contextvars.copy_context()  # log context and the like, as anyio does
         future = self._executor.submit(context.run, fn)
-        with anyio.CancelScope(shield=True):
-            result = await asyncio.wrap_future(future)
+        self.pending += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                result = await asyncio.wrap_future(future)
+        finally:
+            self.pending -= 1
         return result
 
     def close(self) -> None:

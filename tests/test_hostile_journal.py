@@ -152,9 +152,9 @@ async def test_group_commit_survives_the_holder_being_cancelled(tmp_path: Path) 
             while not condition():  # noqa: ASYNC110
                 await anyio.sleep(0.01)
 
-    def waiting() -> int:
+    def waiting() -> int:  # calls queued behind the one the writer's thread is running
         assert journal._writer is not None
-        return journal._writer.limiter.statistics().tasks_waiting
+        return journal._writer.thread.pending - 1
 
     results: dict[str, object] = {}
     try:
@@ -169,8 +169,7 @@ async def test_group_commit_survives_the_holder_being_cancelled(tmp_path: Path) 
                 results[name] = await journal.commit_batch(batch(name))
 
             tg.start_soon(journal._write, slow)
-            await until(lambda: journal._writer is not None
-                        and journal._writer.limiter.borrowed_tokens == 1)
+            await until(lambda: journal._writer is not None and waiting() == 0)
             tg.start_soon(commit, "c")  # takes the commit lock, waits for the writer
             await until(lambda: waiting() == 1)
             tg.start_soon(journal._write, slow)  # next in line for the writer after c
