@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from relay.journal import NewEvent
+from relay.journal import NewEvent, sqlite_dedup
 from relay.journal import sqlite as sqlite_backend
 from relay.journal.sqlite import SqliteJournal
 from relay.journal.sqlite_checkpoint import CHECKPOINT_EVERY
@@ -209,3 +209,80 @@ async def test_a_commit_reaches_its_thread_without_waiting_for_the_loop(tmp_path
         assert seen_by_hog == [100]
     finally:
         await journal.close()
+
+
+async def test_new_ids_are_not_looked_up_in_seen_and_held_ones_are_found_as_filters_grow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Bloom filters over ``seen`` spare a new id its lookup there (a read from the
+    file once ``seen`` outgrows the page cache), and hold every id merged, through
+    several filters added as they fill and across a reopen."""
+    monkeypatch.setattr(sqlite_dedup, "FILTER_FIRST", 16)
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path, dedup_merge_at=10)
+    statements: list[str] = []
+    try:
+        for start in range(0, 200, 20):
+            result = await journal.commit_batch([event(n) for n in range(start, start + 20)])
+            assert result.new == 20
+        assert seen_rows(path) >= 180
+        assert journal._group_writer is not None
+        assert len(journal._group_writer.dedup._filter._filters) > 2  # it grew
+        journal._group_writer.conn.set_trace_callback(statements.append)
+        fresh = await journal.commit_batch([event(n) for n in range(1000, 1050)])
+        assert fresh.new == 50
+        # Only the filters' false positives (1 % each) are looked up, not all 50.
+        looked_up = sum(s.count("'rc:m") for s in statements if "FROM seen" in s)
+        assert looked_up <= 5
+        again = await journal.commit_batch([event(n) for n in range(200)])
+        assert (again.new, again.duplicates) == (0, 200)
+    finally:
+        await journal.close()
+    reopened = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        again = await reopened.commit_batch([event(n) for n in range(200)])
+        assert (again.new, again.duplicates) == (0, 200)
+    finally:
+        await reopened.close()
+
+
+def test_ids_merged_while_the_filter_fills_are_held_after_it(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "seen.db")
+    conn.execute(sqlite_dedup.MIGRATION[0])  # the seen table
+    conn.executemany("INSERT INTO seen VALUES (?, 1, 1)", [(f"old{n}",) for n in range(100)])
+    held = sqlite_dedup.SeenFilter()
+    assert held.maybe_held(["x", "y"]) == ["x", "y"]  # not filled: everything is a maybe
+    held.add(["late0", "late1"])  # merged while the fill reads seen
+    held.fill(conn)
+    maybe = set(held.maybe_held([f"old{n}" for n in range(100)] + ["late0", "late1"]))
+    assert maybe == {f"old{n}" for n in range(100)} | {"late0", "late1"}
+    fresh = [f"new{n}" for n in range(1000)]
+    assert len(held.maybe_held(fresh)) < 50  # false positives only (1 %)
+    grown = [f"grown{n}" for n in range(300_000)]  # more than the first filter's room
+    held.add(grown)
+    assert len(held.maybe_held(grown)) == len(grown)
+    conn.close()
+
+
+async def test_a_large_seen_is_read_into_the_filter_beside_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_dedup, "FILL_ON_OPEN", 20)
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        for start in range(0, 100, 10):
+            await journal.commit_batch([event(n) for n in range(start, start + 10)])
+    finally:
+        await journal.close()
+    reopened = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        assert reopened._group_writer is not None
+        filling = reopened._group_writer.dedup.filling
+        assert filling is not None  # more than FILL_ON_OPEN ids: filled on its own thread
+        again = await reopened.commit_batch([event(n) for n in range(100)])
+        assert (again.new, again.duplicates) == (0, 100)  # filled or not
+        filling.join(timeout=10)
+        assert not filling.is_alive()
+        again = await reopened.commit_batch([event(n) for n in range(100)])
+        assert (again.new, again.duplicates) == (0, 100)
+    finally:
+        await reopened.close()

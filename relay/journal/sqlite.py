@@ -187,7 +187,8 @@ class SqliteJournal:
         # than the window: then it is inserted again at a new seq, as new.
         self._group_writer = sqlite_commit.GroupWriter(
             writer, written_seq=self._written_seq, window_ms=int(dedup_window_ms),
-            merge_at=dedup_merge_at) if writer is not None else None
+            merge_at=dedup_merge_at, connect=partial(self._connect, path),
+            warn=log.warning) if writer is not None else None
         self._group = GroupCommit(self._commit_group)
         self._empty_read_at = -1  # _last_seq when a read last found nothing new
         self._new_events: anyio.Event | None = None
@@ -941,6 +942,9 @@ class SqliteJournal:
     async def close(self) -> None:
         if self._checkpointer is not None:
             await anyio.to_thread.run_sync(self._checkpointer.close)
+        filling = self._group_writer.dedup.filling if self._group_writer is not None else None
+        if filling is not None:
+            await anyio.to_thread.run_sync(filling.join)
         self._alive.close()
         for conn in (self._writer, self._reader):
             if conn is not None:

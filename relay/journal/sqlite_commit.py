@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.journal import sqlite_dedup, sqlite_ledger
@@ -42,10 +42,12 @@ class GroupWriter:
     """Applies groups on the writer connection, from its thread only."""
 
     def __init__(self, conn: sqlite3.Connection, *, written_seq: int, window_ms: int,
-                 merge_at: int) -> None:
+                 merge_at: int, connect: Callable[[], sqlite3.Connection],
+                 warn: Callable[[str], None]) -> None:
         self.conn = conn
         self.written_seq = written_seq
-        self.dedup = sqlite_dedup.DedupIndex(conn, window_ms=window_ms, merge_at=merge_at)
+        self.dedup = sqlite_dedup.DedupIndex(conn, window_ms=window_ms, merge_at=merge_at,
+                                             connect=connect, warn=warn)
         self.ledger = sqlite_ledger.LedgerWriter()
 
     def rolled_back(self) -> None:

@@ -13,7 +13,10 @@ took 0.75 ms. So ids are held in two places instead:
   A sorted bulk insert dirties each index page once per merge, not once per id.
 
 A new batch is checked against the batch itself, then ``recent``, then one
-``SELECT ... WHERE id IN`` over ``seen``, which reads pages but writes none.
+``SELECT ... WHERE id IN`` over ``seen``, which reads pages but writes none, for
+the ids a Bloom filter over ``seen`` may hold (:class:`SeenFilter`): once ``seen``
+outgrows the page cache every lookup there is a read from the file, and a new
+id, the usual case, needs none.
 What a transaction adds to ``recent`` is kept aside until it commits (:meth:`DedupIndex.commit`);
 a rollback forgets it (:meth:`DedupIndex.forget`).
 """
@@ -21,7 +24,10 @@ a rollback forgets it (:meth:`DedupIndex.forget`).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+from rbloom import Bloom
 
 from relay.journal.base import NewEvent
 
@@ -59,6 +65,71 @@ _MERGE = (
 )
 
 
+# The filter's false positives: ids looked up in ``seen`` for nothing (1 % takes about
+# 1.2 bytes per id). The first filter is sized for this many ids, or twice what ``seen``
+# holds on open.
+FILTER_ERROR = 0.01
+FILTER_FIRST = 100_000
+# Up to this many ids in ``seen`` the filter is filled on open (about 40 ms); a larger
+# ``seen`` is read on a thread of its own (0.8 s per 1,000,000 ids), so that a large
+# journal does not hold up the relay's start, and until then every id is looked up.
+FILL_ON_OPEN = 50_000
+
+
+class SeenFilter:
+    """The ids in ``seen`` as Bloom filters: "not held" is certain, "maybe" is looked up.
+
+    A Bloom filter cannot grow, so when one is full another twice its size is added;
+    none is rebuilt, and an id deleted from ``seen`` (compaction, erasure) stays in
+    them, costing at most a lookup. They are filled from ``seen`` on open
+    (:meth:`fill`); ids merged while that runs are kept aside and added after it.
+    """
+
+    def __init__(self) -> None:
+        self._filters: list[Bloom] = []
+        self._capacity = self._room = 0  # the newest filter's
+        self._filled = False
+        self._late: list[str] = []
+        self._lock = threading.Lock()  # fill() may run on another thread than add()
+
+    def fill(self, conn: sqlite3.Connection) -> None:
+        """Add what ``seen`` holds as ``conn`` sees it."""
+        held = int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
+        first = Bloom(max(FILTER_FIRST, 2 * held), FILTER_ERROR)
+        first.update(event_id for (event_id,) in conn.execute("SELECT id FROM seen"))
+        with self._lock:
+            self._filters = [first]
+            self._capacity = max(FILTER_FIRST, 2 * held)
+            self._room = self._capacity - held
+            self._filled = True
+            late, self._late = self._late, []
+            self._add(late)
+
+    def add(self, ids: Sequence[str]) -> None:
+        with self._lock:
+            if self._filled:
+                self._add(ids)
+            else:
+                self._late.extend(ids)
+
+    def _add(self, ids: Sequence[str]) -> None:
+        if len(ids) > self._room:
+            self._filters.append(Bloom(max(2 * self._capacity, 2 * len(ids)), FILTER_ERROR))
+            self._capacity = self._room = max(2 * self._capacity, 2 * len(ids))
+        self._filters[-1].update(ids)
+        self._room -= len(ids)
+
+    def maybe_held(self, ids: list[str]) -> list[str]:
+        """Those of ``ids`` that may be in ``seen`` (all of them until filled)."""
+        if not self._filled:
+            return ids
+        filters = self._filters
+        if len(filters) == 1:
+            only = filters[0]
+            return [i for i in ids if i in only]
+        return [i for i in ids if any(i in f for f in filters)]
+
+
 def _seen_through(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = 'seen_through'").fetchone()
     return int(row[0]) if row else 0
@@ -68,7 +139,9 @@ class DedupIndex:
     """Which ids the journal holds, for its single writer (see the module's text)."""
 
     def __init__(self, conn: sqlite3.Connection, *, window_ms: int,
-                 merge_at: int = MERGE_AT) -> None:
+                 merge_at: int = MERGE_AT,
+                 connect: Callable[[], sqlite3.Connection] | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
         self._window_ms = window_ms
         self._merge_at = merge_at
         self._seen_through = _seen_through(conn)
@@ -76,6 +149,29 @@ class DedupIndex:
             "SELECT id, fetched_at FROM events WHERE seq > ? ORDER BY seq",
             (self._seen_through,)))
         self._added: dict[str, int] = {}  # by the transaction under way
+        self._filter = SeenFilter()
+        self.filling: threading.Thread | None = None
+        large = conn.execute("SELECT count(*) > ? FROM (SELECT 1 FROM seen LIMIT ?)",
+                             (FILL_ON_OPEN, FILL_ON_OPEN + 1)).fetchone()[0]
+        if connect is None or not large:
+            self._filter.fill(conn)
+        else:
+            self.filling = threading.Thread(target=self._fill_apart, args=(connect, warn),
+                                            name="relay-journal-dedup-fill", daemon=True)
+            self.filling.start()
+
+    def _fill_apart(self, connect: Callable[[], sqlite3.Connection],
+                    warn: Callable[[str], None] | None) -> None:
+        try:
+            conn = connect()
+            try:
+                self._filter.fill(conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            # Still correct: every id goes on being looked up in seen.
+            if warn is not None:
+                warn(f"journal dedup filter not built (every id is looked up instead): {exc}")
 
     def new_events(self, conn: sqlite3.Connection, events: Sequence[NewEvent]
                    ) -> tuple[list[NewEvent], tuple[int, ...], list[tuple[str, int]]]:
@@ -83,7 +179,8 @@ class DedupIndex:
         the positions of the others (duplicates), and the (id, seq) of stored copies to
         delete: an id accepted again after the window moves to its new seq."""
         recent, added = self._recent, self._added
-        unknown = [e.id for e in events if e.id not in added and e.id not in recent]
+        unknown = self._filter.maybe_held(
+            [e.id for e in events if e.id not in added and e.id not in recent])
         stored = self._probe(conn, unknown) if unknown else {}
         chosen: dict[str, int] = {}  # id -> position of the copy to insert
         duplicates: list[int] = []
@@ -149,6 +246,7 @@ class DedupIndex:
                      (through_seq,))
 
     def merged(self, through_seq: int) -> None:
+        self._filter.add(list(self._recent))  # before they leave memory
         self._seen_through = through_seq
         self._recent.clear()
 
