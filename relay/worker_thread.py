@@ -5,7 +5,8 @@ connection, a file being appended to).
 turn: the call then waits behind every task that is ready, a millisecond or more
 while sources are parsing answers, and a source's commit is on the path of its
 next request. Here the call is handed to the thread at once, and the loop is free
-while it runs.
+while it runs. (The relay runs on asyncio, as aiohttp needs: the thread's future is
+awaited as an asyncio one.)
 """
 
 from __future__ import annotations
