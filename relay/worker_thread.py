@@ -25,10 +25,10 @@ import anyio
 
 _T = TypeVar("_T")
 
-# What the thread is handed: the loop to answer on, the future to answer, the context
-# to run in, the call. None: stop.
-_Call = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", contextvars.Context,
-              Callable[[], Any]]
+# What the thread is handed: the loop to answer on and the future to answer (None: no
+# answer wanted), the context to run in, the call. None: stop.
+_Call = tuple[asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None",
+              contextvars.Context, Callable[[], Any]]
 
 
 def _answer(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -48,8 +48,9 @@ def _serve(calls: SimpleQueue[_Call | None]) -> None:
             result = context.run(fn)
         except BaseException as exc:  # handed to the caller, who raises it
             error = exc
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(_answer, future, result, error)
+        if loop is not None and future is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_answer, future, result, error)
         del call, future, fn, result, error  # hold nothing between calls
 
 
@@ -65,16 +66,10 @@ class WorkerThread:
         """``fn()`` on the thread. Like ``anyio.to_thread.run_sync``, a cancelled
         caller still waits for the call to finish: what it started is never left
         running unseen."""
-        if self._calls is None:
-            self._calls = SimpleQueue()
-            # A daemon: a relay that exits without closing (a second signal) is not held
-            # up by an idle thread; what a call writes is crash-safe on its own.
-            threading.Thread(target=_serve, args=(self._calls,), name=self._name,
-                             daemon=True).start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         # Log context and the like go along, as with anyio.
-        self._calls.put((loop, future, contextvars.copy_context(), fn))
+        self._queue().put((loop, future, contextvars.copy_context(), fn))
         self.pending += 1
         try:
             with anyio.CancelScope(shield=True):
@@ -82,6 +77,20 @@ class WorkerThread:
         finally:
             self.pending -= 1
         return result
+
+    def start_soon(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn()`` and return at once: it reports its outcome itself (an
+        exception it lets out is lost), after the calls queued before it."""
+        self._queue().put((None, None, contextvars.copy_context(), fn))
+
+    def _queue(self) -> SimpleQueue[_Call | None]:
+        if self._calls is None:
+            self._calls = SimpleQueue()
+            # A daemon: a relay that exits without closing (a second signal) is not held
+            # up by an idle thread; what a call writes is crash-safe on its own.
+            threading.Thread(target=_serve, args=(self._calls,), name=self._name,
+                             daemon=True).start()
+        return self._calls
 
     def close(self) -> None:
         """Let the thread end once its calls are done (they are, if all were awaited);

@@ -133,9 +133,10 @@ def test_a_deleted_journal_stops_the_relay_loudly_and_acknowledges_nothing_more(
 # -- group commits and cancellation ------------------------------------------------------------
 
 @pytest.mark.anyio
-async def test_group_commit_survives_the_holder_being_cancelled(tmp_path: Path) -> None:
-    """The task committing a group is cancelled (a shutdown) before its thread ran: the other
-    members' batches (a RongCloud batch exists nowhere else) must still be committed."""
+async def test_a_cancelled_commit_costs_no_other_batch(tmp_path: Path) -> None:
+    """Callers cancelled (a shutdown) while the writer's thread is busy: one whose item
+    is still queued takes it back out; the other members' batches (a RongCloud batch
+    exists nowhere else) are committed all the same, in one group."""
     journal = SqliteJournal.open(tmp_path / "relay.db")
     await journal.register_sinks(["s"], prune=False)
 
@@ -152,38 +153,36 @@ async def test_group_commit_survives_the_holder_being_cancelled(tmp_path: Path) 
             while not condition():  # noqa: ASYNC110
                 await anyio.sleep(0.01)
 
-    def waiting() -> int:  # calls queued behind the one the writer's thread is running
-        assert journal._writer is not None
-        return journal._writer.thread.pending - 1
+    def queued() -> int:
+        assert journal._group is not None
+        return len(journal._group._queue)
 
     results: dict[str, object] = {}
     try:
         async with anyio.create_task_group() as tg:
-            holder = anyio.CancelScope()
+            cursor = anyio.CancelScope()
 
             async def advance_cursor() -> None:
-                with holder:
-                    await journal.advance_sink("s", 1)
+                with cursor:
+                    await journal.advance_sink("s", 7)
 
             async def commit(name: str) -> None:
                 results[name] = await journal.commit_batch(batch(name))
 
             tg.start_soon(journal._write, slow)
-            await until(lambda: journal._writer is not None and waiting() == 0)
-            tg.start_soon(commit, "c")  # takes the commit lock, waits for the writer
-            await until(lambda: waiting() == 1)
-            tg.start_soon(journal._write, slow)  # next in line for the writer after c
-            await until(lambda: waiting() == 2)
-            tg.start_soon(advance_cursor)  # waits for the commit lock ...
-            await until(lambda: len(journal._group._queue) == 1)
-            tg.start_soon(commit, "b")  # ... and b queues behind it, in the same group
-            await until(lambda: len(journal._group._queue) == 2)
-            # c commits; the holder takes the group [cursor, b] and waits for the writer.
-            await until(lambda: "c" in results and not journal._group._queue and waiting() == 1)
-            holder.cancel()
+            await until(lambda: journal._writer is not None
+                        and journal._writer.thread.pending == 1)
+            tg.start_soon(commit, "c")
+            tg.start_soon(advance_cursor)
+            tg.start_soon(commit, "b")
+            await until(lambda: queued() == 3)  # all behind the slow write
+            cursor.cancel()
+            await until(lambda: queued() == 2)  # the cancelled one took its item back
         assert getattr(results.get("b"), "new", None) == 5, "b's batch was dropped"
+        assert getattr(results.get("c"), "new", None) == 5, "c's batch was dropped"
         rows = await journal.read(0, 100)
-        assert {f"b{i}" for i in range(5)} <= {e.id for e in rows}
+        assert {f"{p}{i}" for p in "bc" for i in range(5)} <= {e.id for e in rows}
+        assert await journal.sink_cursor("s") == 0  # the cancelled advance never ran
     finally:
         await journal.close()
 

@@ -286,3 +286,40 @@ async def test_a_large_seen_is_read_into_the_filter_beside_the_writer(
         assert (again.new, again.duplicates) == (0, 100)
     finally:
         await reopened.close()
+
+
+async def test_batches_queued_behind_a_commit_are_committed_while_the_loop_is_busy(
+        tmp_path: Path) -> None:
+    """Groups form on the writer's thread: what is queued when a commit ends is
+    committed next without a turn of the event loop (which parsing answers keeps busy)."""
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path)
+    seen_by_hog: list[int] = []
+
+    def committed_rows() -> int:
+        with sqlite3.connect(path) as conn:
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def slow(_conn: object) -> None:
+        time.sleep(0.3)  # the writer's thread is busy when both batches arrive
+
+    async def hog() -> None:
+        await anyio.sleep(0.05)  # both batches queued by now
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and committed_rows() < 20:
+            time.sleep(0.005)  # holds the loop
+        seen_by_hog.append(committed_rows())
+
+    async def commit(start: int) -> None:
+        await journal.commit_batch([event(n) for n in range(start, start + 10)])
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal._write, slow)
+            await anyio.sleep(0.01)
+            tg.start_soon(commit, 0)
+            tg.start_soon(commit, 10)
+            tg.start_soon(hog)
+        assert seen_by_hog == [20]
+    finally:
+        await journal.close()

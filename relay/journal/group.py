@@ -2,7 +2,9 @@
 
 Sources on several endpoints and sinks moving their cursors commit at the same
 time; the first to get the lock commits everything queued so far (one
-transaction, one fsync), the others find their result ready. Both backends use it.
+transaction, one fsync), the others find their result ready. The PostgreSQL journal
+uses it; the SQLite journal forms its groups on its writer's thread instead
+(:mod:`relay.journal.sqlite_group`).
 """
 
 from __future__ import annotations

@@ -60,9 +60,11 @@ from relay.journal.base import (
     StoredEvent,
     WriteBlocker,
 )
-from relay.journal.group import GroupCommit, Pending
+from relay.journal.group import Pending
 from relay.journal.local_leases import AliveFile, LocalLeases
 from relay.journal.sqlite_checkpoint import WRITER_AUTOCHECKPOINT, Checkpointer
+from relay.journal.sqlite_commit import ItemResult
+from relay.journal.sqlite_group import ThreadGroupCommit
 from relay.journal.sqlite_tail import TailCache
 from relay.logs import get_logger
 from relay.private_files import make_private_dirs
@@ -182,14 +184,15 @@ class SqliteJournal:
             writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}")
             self._checkpointer = Checkpointer(partial(self._connect, path), log.warning)
         self._last_seq = self._query_max_seq(reader)
-        self._written_seq = self._last_seq  # moved only by _commit_group, one at a time
         # An id already held is dropped unless its stored copy was fetched longer ago
         # than the window: then it is inserted again at a new seq, as new.
         self._group_writer = sqlite_commit.GroupWriter(
-            writer, written_seq=self._written_seq, window_ms=int(dedup_window_ms),
+            writer, written_seq=self._last_seq, window_ms=int(dedup_window_ms),
             merge_at=dedup_merge_at, connect=partial(self._connect, path),
             warn=log.warning) if writer is not None else None
-        self._group = GroupCommit(self._commit_group)
+        self._group: ThreadGroupCommit[list[ItemResult]] | None = ThreadGroupCommit(
+            self._writer.thread, self._commit_group, self._group_committed,
+            self._merge_if_due) if self._writer is not None else None
         self._empty_read_at = -1  # _last_seq when a read last found nothing new
         self._new_events: anyio.Event | None = None
         self._space_checked_at = 0.0
@@ -428,72 +431,85 @@ class SqliteJournal:
             return self._last_seq
         return await self._reader.run(self._query_max_seq)
 
+    def _groups(self) -> ThreadGroupCommit[list[ItemResult]]:
+        if self._group is None:
+            raise JournalError("the journal was opened read-only")
+        return self._group
+
     def _w(self) -> _Connection:
         if self._writer is None:
             raise JournalError("the journal was opened read-only")
         return self._writer
 
+    def _transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn`` in one immediate transaction (on the writer's thread)."""
+        self._check_intact()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self._check_intact()
+            if _is_disk_full(exc):
+                raise JournalFullError(f"journal write failed, no space: {exc}") from None
+            raise JournalError(f"journal write failed: {exc}") from None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        # Committed, but into the file we opened only if the path still names it.
+        self._check_intact()
+        return result
+
     async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` in one immediate transaction on the writer connection."""
+        return await self._w().run(partial(self._transaction, fn=fn))
 
-        def transaction(conn: sqlite3.Connection) -> _T:
-            self._check_intact()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                result = fn(conn)
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                self._check_intact()
-                if _is_disk_full(exc):
-                    raise JournalFullError(f"journal write failed, no space: {exc}") from None
-                raise JournalError(f"journal write failed: {exc}") from None
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            # Committed, but into the file we opened only if the path still names it.
-            self._check_intact()
-            return result
-
-        return await self._w().run(transaction)
-
-    async def _commit_group(self, group: list[Pending]) -> None:
-        """One transaction (one fsync) for a group of :class:`GroupCommit` callers."""
+    def _commit_group(self, group: list[Pending]) -> list[ItemResult]:
+        """On the writer's thread: one transaction (one fsync) for a group of callers."""
         writer = self._group_writer
         assert writer is not None  # _w() refused a read-only journal already
         try:
-            results = await self._write(lambda conn: writer.apply(group))
+            results = self._transaction(writer.conn, lambda conn: writer.apply(group))
         except BaseException:
             writer.rolled_back()
             raise
         writer.committed(results)
-        if self._checkpointer is not None:
-            self._checkpointer.committed()
         for pending, result in zip(group, results, strict=True):
             pending.result = CommitResult(new=result.new, duplicates=len(result.duplicates),
                                           quarantined=result.quarantined,
                                           last_seq=result.last_seq)
+        return results
+
+    def _group_committed(self, group: list[Pending], results: list[ItemResult]) -> None:
+        """On the loop, in commit order: what readers of the journal see moves on."""
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
+        for pending, result in zip(group, results, strict=True):
             if result.moved:
                 self._tail.clear()
             if result.new:
                 self._tail.add(pending.events, result)
-        # Groups are serialized by GroupCommit: the next one sees this seq.
-        self._written_seq = writer.written_seq
-        if writer.dedup.merge_due():
-            # Still inside the group commit's lock: the next group waits for the merge.
-            through = self._written_seq
-            try:
-                await self._write(lambda conn: writer.dedup.merge(conn, through))
-            except JournalError as exc:
-                # The group is committed all the same; the tail stays in memory and the
-                # merge is tried again after the next commit.
-                log.warning("journal dedup merge failed; retried after the next commit",
-                            error=str(exc))
-            else:
-                writer.dedup.merged(through)
+
+    def _merge_if_due(self) -> None:
+        """On the writer's thread, after a commit: the next group waits for the merge."""
+        writer = self._group_writer
+        assert writer is not None
+        if not writer.dedup.merge_due():
+            return
+        through = writer.written_seq
+        try:
+            self._transaction(writer.conn, lambda conn: writer.dedup.merge(conn, through))
+        except JournalError as exc:
+            # The group is committed all the same; the tail stays in memory and the
+            # merge is tried again after the next commit.
+            log.warning("journal dedup merge failed; retried after the next commit",
+                        error=str(exc))
+        else:
+            writer.dedup.merged(through)
 
     async def commit_batch(
         self,
@@ -505,7 +521,7 @@ class SqliteJournal:
         fence: Fence | None = None,
     ) -> CommitResult:
         self._leases.check(fence)
-        result = await self._group.submit(
+        result = await self._groups().submit(
             Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger))
         if result.new and result.last_seq > self._last_seq:
             self._last_seq = result.last_seq
@@ -577,7 +593,7 @@ class SqliteJournal:
 
     async def advance_sink(self, sink: str, seq: int, *, fence: Fence | None = None) -> None:
         self._leases.check(fence)
-        await self._group.submit(Pending(sink=(sink, seq)))
+        await self._groups().submit(Pending(sink=(sink, seq)))
 
     # -- leases: one writer (the flock), so every lease is this relay's ---------
 
