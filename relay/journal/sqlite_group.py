@@ -46,12 +46,10 @@ class ThreadGroupCommit(Generic[_R]):
         self._lock = threading.Lock()  # the queue and the flag: loop and thread both
         self._queue: list[_Queued] = []
         self._scheduled = False  # a drain is queued on, or running in, the thread
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: Pending) -> CommitResult:
         """Commit ``item`` (with whatever else is waiting); raises its error."""
-        loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[CommitResult] = loop.create_future()
+        future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._queue.append((item, future))
             start, self._scheduled = not self._scheduled, True
@@ -81,10 +79,8 @@ class ThreadGroupCommit(Generic[_R]):
                 error = exc
             except BaseException as exc:
                 error = JournalError(f"journal write failed: {exc!r}")
-            loop = self._loop
-            assert loop is not None  # set by the submit that queued these
-            try:
-                loop.call_soon_threadsafe(self._finish, taken, outcome, error)
+            try:  # on the loop of the callers (one loop: the relay's)
+                taken[0][1].get_loop().call_soon_threadsafe(self._finish, taken, outcome, error)
             except RuntimeError:  # the loop is closed: nobody is waiting
                 return
             if error is None:
