@@ -323,3 +323,54 @@ async def test_batches_queued_behind_a_commit_are_committed_while_the_loop_is_bu
         assert seen_by_hog == [20]
     finally:
         await journal.close()
+
+
+def test_a_filter_being_filled_is_not_trusted_before_it_holds_the_late_ids(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fill runs beside the writer: stopped at any point, the writer must never be
+    told "not held" for an id that is in seen (merged while the fill read it)."""
+    conn = sqlite3.connect(tmp_path / "seen.db", check_same_thread=False)
+    conn.execute(sqlite_dedup.MIGRATION[0])
+    conn.executemany("INSERT INTO seen VALUES (?, 1, 1)", [(f"old{n}",) for n in range(100)])
+    held = sqlite_dedup.SeenFilter()
+    held.add(["late0"])  # merged while the fill reads seen
+    inside, go = threading.Event(), threading.Event()
+    add = sqlite_dedup.SeenFilter._add
+
+    def paused_add(self: sqlite_dedup.SeenFilter, ids: list[str]) -> None:
+        if threading.current_thread().name == "fill":
+            inside.set()
+            go.wait(5)  # the interpreter switching threads here
+        add(self, ids)
+
+    monkeypatch.setattr(sqlite_dedup.SeenFilter, "_add", paused_add)
+    fill = threading.Thread(target=held.fill, args=(conn,), name="fill")
+    fill.start()
+    try:
+        assert inside.wait(5)
+        assert held.maybe_held(["late0", "old1"]) == ["late0", "old1"]
+    finally:
+        go.set()
+        fill.join(5)
+    assert held.maybe_held(["late0", "old1"]) == ["late0", "old1"]
+    conn.close()
+
+
+async def test_a_merge_that_fails_unexpectedly_stops_no_later_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = SqliteJournal.open(tmp_path / "relay.db", dedup_merge_at=5)
+    merged = sqlite_dedup.DedupIndex.merged
+
+    def fails_once(self: sqlite_dedup.DedupIndex, through: int) -> None:
+        monkeypatch.setattr(sqlite_dedup.DedupIndex, "merged", merged)
+        raise MemoryError("a larger filter could not be allocated")
+
+    monkeypatch.setattr(sqlite_dedup.DedupIndex, "merged", fails_once)
+    try:
+        first = await journal.commit_batch([event(n) for n in range(10)])  # merge due: fails
+        assert first.new == 10
+        with anyio.fail_after(5):
+            second = await journal.commit_batch([event(n) for n in range(20)])
+        assert (second.new, second.duplicates) == (10, 10)  # the unmerged ids still found
+    finally:
+        await journal.close()

@@ -493,6 +493,14 @@ class SqliteJournal:
                 self._tail.clear()
             if result.new:
                 self._tail.add(pending.events, result)
+        # Here, in commit order, not by each caller as it resumes: a caller cancelled
+        # after its batch was taken never resumes, and its events are there all the same.
+        last = results[-1].last_seq if results else self._last_seq
+        if last > self._last_seq:
+            self._last_seq = last
+            if self._new_events is not None:
+                self._new_events.set()
+                self._new_events = None
 
     def _merge_if_due(self) -> None:
         """On the writer's thread, after a commit: the next group waits for the merge."""
@@ -503,13 +511,12 @@ class SqliteJournal:
         through = writer.written_seq
         try:
             self._transaction(writer.conn, lambda conn: writer.dedup.merge(conn, through))
-        except JournalError as exc:
+            writer.dedup.merged(through)
+        except Exception as exc:  # said; its ids stay in memory, still found
             # The group is committed all the same; the tail stays in memory and the
             # merge is tried again after the next commit.
             log.warning("journal dedup merge failed; retried after the next commit",
                         error=str(exc))
-        else:
-            writer.dedup.merged(through)
 
     async def commit_batch(
         self,
@@ -521,14 +528,8 @@ class SqliteJournal:
         fence: Fence | None = None,
     ) -> CommitResult:
         self._leases.check(fence)
-        result = await self._groups().submit(
+        return await self._groups().submit(
             Pending(events=events, cursors=cursors, quarantine=quarantine, ledger=ledger))
-        if result.new and result.last_seq > self._last_seq:
-            self._last_seq = result.last_seq
-            if self._new_events is not None:
-                self._new_events.set()
-                self._new_events = None
-        return result
 
     async def set_cursors(self, cursors: Mapping[str, str]) -> None:
         await self.commit_batch((), cursors=cursors)

@@ -89,33 +89,48 @@ class SeenFilter:
         self._filters: list[Bloom] = []
         self._capacity = self._room = 0  # the newest filter's
         self._filled = False
+        self._abandoned = False
         self._late: list[str] = []
         self._lock = threading.Lock()  # fill() may run on another thread than add()
 
     def fill(self, conn: sqlite3.Connection) -> None:
         """Add what ``seen`` holds as ``conn`` sees it."""
         held = int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
-        first = Bloom(max(FILTER_FIRST, 2 * held), FILTER_ERROR)
+        capacity = max(FILTER_FIRST, 2 * held)
+        first = Bloom(capacity, FILTER_ERROR)
         first.update(event_id for (event_id,) in conn.execute("SELECT id FROM seen"))
         with self._lock:
-            self._filters = [first]
-            self._capacity = max(FILTER_FIRST, 2 * held)
-            self._room = self._capacity - held
+            # Complete before anyone may read it: ids merged meanwhile first, then the
+            # filters, and the flag that makes maybe_held trust them last.
+            filters = [first]
+            self._filters, self._capacity, self._room = filters, capacity, capacity - held
+            self._add(self._late)
+            self._late = []
             self._filled = True
-            late, self._late = self._late, []
-            self._add(late)
+
+    def abandon(self) -> None:
+        """Not to be filled (reading ``seen`` failed): every id stays a maybe, and
+        merged ids are no longer kept aside for a fill that will not come."""
+        with self._lock:
+            self._late = []
+            self._abandoned = True
 
     def add(self, ids: Sequence[str]) -> None:
         with self._lock:
             if self._filled:
                 self._add(ids)
-            else:
+            elif not self._abandoned:
                 self._late.extend(ids)
 
     def _add(self, ids: Sequence[str]) -> None:
         if len(ids) > self._room:
-            self._filters.append(Bloom(max(2 * self._capacity, 2 * len(ids)), FILTER_ERROR))
-            self._capacity = self._room = max(2 * self._capacity, 2 * len(ids))
+            capacity = max(2 * self._capacity, 2 * len(ids))
+            grown = Bloom(capacity, FILTER_ERROR)
+            grown.update(ids)
+            # Appended once it holds them (maybe_held may run on another thread).
+            self._filters.append(grown)
+            self._capacity, self._room = capacity, capacity - len(ids)
+            return
         self._filters[-1].update(ids)
         self._room -= len(ids)
 
@@ -168,8 +183,9 @@ class DedupIndex:
                 self._filter.fill(conn)
             finally:
                 conn.close()
-        except sqlite3.Error as exc:
-            # Still correct: every id goes on being looked up in seen.
+        except Exception as exc:  # said, and still correct
+            # Every id goes on being looked up in seen.
+            self._filter.abandon()
             if warn is not None:
                 warn(f"journal dedup filter not built (every id is looked up instead): {exc}")
 

@@ -18,6 +18,7 @@ else), and the caller no longer waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -54,7 +55,13 @@ class ThreadGroupCommit(Generic[_R]):
             self._queue.append((item, future))
             start, self._scheduled = not self._scheduled, True
         if start:
-            self._thread.start_soon(self._drain)
+            try:
+                self._thread.start_soon(self._drain)
+            except BaseException:  # no thread to run it (cannot start one)
+                with self._lock:
+                    self._scheduled = False
+                    self._queue = [q for q in self._queue if q[0] is not item]
+                raise
         try:
             return await future
         except BaseException:
@@ -64,27 +71,33 @@ class ThreadGroupCommit(Generic[_R]):
 
     def _drain(self) -> None:
         """On the thread: commit groups until nothing is queued."""
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._scheduled = False
+                        return
+                    taken, self._queue = self._queue, []
+                group = [item for item, _ in taken]
+                error: JournalError | None = None
+                outcome: _R | None = None
+                try:
+                    outcome = self._commit(group)
+                except JournalError as exc:
+                    error = exc
+                except BaseException as exc:  # every member is told
+                    error = JournalError(f"journal write failed: {exc!r}")
+                # On the loop of the callers (one loop: the relay's).
+                with contextlib.suppress(RuntimeError):  # closed: nobody is waiting
+                    taken[0][1].get_loop().call_soon_threadsafe(
+                        self._finish, taken, outcome, error)
+                if error is None:
+                    self._after()
+        finally:
+            # Left by an exception (never, but then): the next submit starts a drain
+            # again instead of queueing behind one that is gone.
             with self._lock:
-                if not self._queue:
-                    self._scheduled = False
-                    return
-                taken, self._queue = self._queue, []
-            group = [item for item, _ in taken]
-            error: JournalError | None = None
-            outcome: _R | None = None
-            try:
-                outcome = self._commit(group)
-            except JournalError as exc:
-                error = exc
-            except BaseException as exc:
-                error = JournalError(f"journal write failed: {exc!r}")
-            try:  # on the loop of the callers (one loop: the relay's)
-                taken[0][1].get_loop().call_soon_threadsafe(self._finish, taken, outcome, error)
-            except RuntimeError:  # the loop is closed: nobody is waiting
-                return
-            if error is None:
-                self._after()
+                self._scheduled = False
 
     def _finish(self, taken: list[_Queued], outcome: _R | None,
                 error: JournalError | None) -> None:
