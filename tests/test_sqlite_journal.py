@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -30,6 +31,19 @@ ROUTING = b'["rc","rongcloud","message","direct","","x"]'
 def event(n: int, *, fetched_at: int | None = None) -> NewEvent:
     now = fetched_at if fetched_at is not None else int(time.time() * 1000)
     return NewEvent(f"rc:m{n}", now, ROUTING, b'{"id":"rc:m%d"}' % n, now)
+
+
+def committed_rows(path: Path) -> int:
+    """Events on disk, as another connection (another process) sees them."""
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+def hold_the_loop_until(done: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Block the event loop (what a long parse does) until ``done()`` or the deadline."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not done():
+        time.sleep(0.005)
 
 
 def seen_rows(path: Path) -> int:
@@ -191,15 +205,9 @@ async def test_a_commit_reaches_its_thread_without_waiting_for_the_loop(tmp_path
     journal = SqliteJournal.open(path)
     seen_by_hog: list[int] = []
 
-    def committed_rows() -> int:
-        with sqlite3.connect(path) as conn:
-            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-
     async def hog() -> None:
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and committed_rows() == 0:
-            time.sleep(0.005)  # holds the loop: what a long parse does
-        seen_by_hog.append(committed_rows())
+        hold_the_loop_until(lambda: committed_rows(path) > 0)
+        seen_by_hog.append(committed_rows(path))
 
     try:
         async with anyio.create_task_group() as tg:
@@ -296,19 +304,13 @@ async def test_batches_queued_behind_a_commit_are_committed_while_the_loop_is_bu
     journal = SqliteJournal.open(path)
     seen_by_hog: list[int] = []
 
-    def committed_rows() -> int:
-        with sqlite3.connect(path) as conn:
-            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-
     def slow(_conn: object) -> None:
         time.sleep(0.3)  # the writer's thread is busy when both batches arrive
 
     async def hog() -> None:
         await anyio.sleep(0.05)  # both batches queued by now
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and committed_rows() < 20:
-            time.sleep(0.005)  # holds the loop
-        seen_by_hog.append(committed_rows())
+        hold_the_loop_until(lambda: committed_rows(path) >= 20)
+        seen_by_hog.append(committed_rows(path))
 
     async def commit(start: int) -> None:
         await journal.commit_batch([event(n) for n in range(start, start + 10)])

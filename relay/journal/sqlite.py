@@ -432,8 +432,8 @@ class SqliteJournal:
         return await self._reader.run(self._query_max_seq)
 
     def _groups(self) -> ThreadGroupCommit[list[ItemResult]]:
-        if self._group is None:
-            raise JournalError("the journal was opened read-only")
+        self._w()  # refuses a read-only journal
+        assert self._group is not None  # there is one with every writer
         return self._group
 
     def _w(self) -> _Connection:

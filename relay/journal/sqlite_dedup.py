@@ -102,8 +102,7 @@ class SeenFilter:
         with self._lock:
             # Complete before anyone may read it: ids merged meanwhile first, then the
             # filters, and the flag that makes maybe_held trust them last.
-            filters = [first]
-            self._filters, self._capacity, self._room = filters, capacity, capacity - held
+            self._filters, self._capacity, self._room = [first], capacity, capacity - held
             self._add(self._late)
             self._late = []
             self._filled = True
