@@ -376,3 +376,73 @@ async def test_a_merge_that_fails_unexpectedly_stops_no_later_commit(
         assert (second.new, second.duplicates) == (10, 10)  # the unmerged ids still found
     finally:
         await journal.close()
+
+
+async def _commit_as_one_group(journal: SqliteJournal, batches: list[list[NewEvent]]) -> None:
+    """Commit ``batches`` from concurrent callers, all queued behind one slow commit, so
+    that the writer's thread takes them as one group."""
+    release = threading.Event()
+    group = journal._group
+    assert group is not None
+
+    def slow(_conn: object) -> None:
+        release.wait(5)
+
+    async def commit(batch: list[NewEvent]) -> None:
+        await journal.commit_batch(batch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(journal._write, slow)
+        for batch in batches:
+            tg.start_soon(commit, batch)
+        deadline = time.monotonic() + 5
+        while len(group._queue) < len(batches) and time.monotonic() < deadline:  # noqa: ASYNC110 - a queue the writer thread owns
+            await anyio.sleep(0.001)
+        assert len(group._queue) == len(batches)
+        release.set()
+
+
+async def test_a_group_of_callers_inserts_its_events_in_one_statement(tmp_path: Path) -> None:
+    """Each statement lets go of the interpreter lock and must win it back from the busy
+    event loop: a group writes all its callers' events at once, in seq order."""
+    journal = SqliteJournal.open(tmp_path / "relay.db")
+    inserts: list[str] = []
+    writer = journal._group_writer
+    assert writer is not None
+    writer.conn.set_trace_callback(
+        lambda sql: inserts.append(sql) if sql.startswith("INSERT INTO events") else None)
+    try:
+        await _commit_as_one_group(journal, [[event(n) for n in range(s, s + 10)]
+                                             for s in (0, 10, 20)])
+        assert len(inserts) == 1
+        rows = await journal.read(0, 100)
+        assert sorted(e.id for e in rows) == sorted(f"rc:m{n}" for n in range(30))
+        assert [e.seq for e in rows] == list(range(1, 31))
+        # Each caller's events are contiguous, in its own order.
+        ids = [e.id for e in rows]
+        for s in (0, 10, 20):
+            at = ids.index(f"rc:m{s}")
+            assert ids[at:at + 10] == [f"rc:m{n}" for n in range(s, s + 10)]
+    finally:
+        writer.conn.set_trace_callback(None)
+        await journal.close()
+
+
+async def test_callers_in_one_group_holding_an_id_further_apart_than_the_window_keep_one(
+        tmp_path: Path) -> None:
+    """The later copy moves the earlier one even when both are in the same group (the
+    earlier caller's rows are written before the later one is checked)."""
+    hour = 3_600_000
+    t0 = int(time.time() * 1000) - 10 * hour
+    journal = SqliteJournal.open(tmp_path / "relay.db", dedup_window_seconds=3600)
+    try:
+        await _commit_as_one_group(journal, [
+            [event(1, fetched_at=t0), event(2, fetched_at=t0)],
+            [event(1, fetched_at=t0 + 2 * hour), event(3, fetched_at=t0 + 2 * hour)],
+        ])
+        rows = await journal.read(0, 10)
+        assert sorted((e.id, e.fetched_at) for e in rows) == [
+            ("rc:m1", t0 + 2 * hour), ("rc:m2", t0), ("rc:m3", t0 + 2 * hour)]
+        assert len({e.seq for e in rows}) == 3
+    finally:
+        await journal.close()

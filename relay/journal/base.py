@@ -83,6 +83,9 @@ class Routing(NamedTuple):
     conversation: str
 
 
+_new_tuple = tuple.__new__
+
+
 class NewEvent(NamedTuple):
     """A normalized event on its way into the journal (a tuple: built per event, kept cheap)."""
 
@@ -96,8 +99,10 @@ class NewEvent(NamedTuple):
     def from_event(cls, event: Mapping[str, Any]) -> NewEvent:
         routing = (event["source"], event["provider"], event["kind"], event["channel"]["type"],
                    event["type"], event["conversation"])
-        return cls(event["id"], event["fetched_at"], orjson.dumps(routing), orjson.dumps(event),
-                   event["sent_at"])
+        # tuple.__new__ directly: a NamedTuple's generated __new__ is a Python call, 0.4 µs
+        # against 0.17, once per event on the event loop.
+        return _new_tuple(cls, (event["id"], event["fetched_at"], orjson.dumps(routing),
+                                orjson.dumps(event), event["sent_at"]))
 
 
 class StoredEvent(NamedTuple):

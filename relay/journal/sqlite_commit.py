@@ -62,7 +62,8 @@ class GroupWriter:
 
     def _insert(self, first: int, events: Sequence[NewEvent]) -> None:
         """Insert with seqs from ``first``, many rows per statement: one call into SQLite
-        per thousand rows instead of one per row."""
+        per thousand rows instead of one per row (each call lets go of the interpreter
+        lock and must win it back from the busy event loop)."""
         for start in range(0, len(events), _ROWS_PER_INSERT):
             chunk = events[start:start + _ROWS_PER_INSERT]
             values: list[object] = []
@@ -79,6 +80,9 @@ class GroupWriter:
         now = int(time.time() * 1000)
         last = self.written_seq
         results = []
+        # The group's new events, in seq order, inserted together after the loop: one
+        # statement for the group instead of one per caller.
+        fresh_all: list[NewEvent] = []
         for item in items:
             duplicates: tuple[int, ...] = ()
             moved: list[tuple[str, int]] = []
@@ -86,15 +90,20 @@ class GroupWriter:
             if events:
                 # Explicit, ever-increasing seqs without gaps (cheaper than AUTOINCREMENT):
                 # duplicates are found before the insert.
+                if fresh_all and self.dedup.added_any(events):
+                    # An id an earlier caller in this group added: its row must be in the
+                    # table before this one is checked (a copy older than the window is
+                    # found there and moved).
+                    self._insert(last - len(fresh_all) + 1, fresh_all)
+                    fresh_all = []
                 fresh, duplicates, moved = self.dedup.new_events(conn, events)
                 if moved:  # accepted again after the dedup window: moves to its new seq
                     conn.executemany("DELETE FROM events WHERE seq = ?", [(q,) for _, q in moved])
                     # Its new copy is in the tail until the next merge; seen must not keep
                     # naming the deleted one (event_seq, compaction match on (id, seq)).
                     conn.executemany("DELETE FROM seen WHERE id = ? AND seq = ?", moved)
-                if fresh:
-                    self._insert(last + 1, fresh)
-                    last += len(fresh)
+                fresh_all += fresh
+                last += len(fresh)
             if item.quarantine:
                 conn.executemany(
                     "INSERT INTO quarantine(source, endpoint, received_at, error, raw)"
@@ -120,6 +129,8 @@ class GroupWriter:
             results.append(ItemResult(new=len(events) - len(duplicates), duplicates=duplicates,
                                       quarantined=len(item.quarantine), last_seq=last,
                                       moved=tuple(q for _, q in moved)))
+        if fresh_all:
+            self._insert(last - len(fresh_all) + 1, fresh_all)
         if last != self.written_seq:
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('high_seq', ?)"

@@ -188,6 +188,11 @@ class DedupIndex:
             if warn is not None:
                 warn(f"journal dedup filter not built (every id is looked up instead): {exc}")
 
+    def added_any(self, events: Sequence[NewEvent]) -> bool:
+        """Does the transaction under way already hold one of these ids?"""
+        added = self._added
+        return any(e.id in added for e in events)
+
     def new_events(self, conn: sqlite3.Connection, events: Sequence[NewEvent]
                    ) -> tuple[list[NewEvent], tuple[int, ...], list[tuple[str, int]]]:
         """The events to insert (of each id not held within the window, its last copy),
