@@ -284,10 +284,10 @@ async def test_a_large_seen_is_read_into_the_filter_beside_the_writer(
     reopened = SqliteJournal.open(path, dedup_merge_at=10)
     try:
         assert reopened._group_writer is not None
-        filling = reopened._group_writer.dedup.filling
-        assert filling is not None  # more than FILL_ON_OPEN ids: filled on its own thread
         again = await reopened.commit_batch([event(n) for n in range(100)])
         assert (again.new, again.duplicates) == (0, 100)  # filled or not
+        filling = reopened._group_writer.dedup.filling
+        assert filling is not None  # more than FILL_ON_OPEN ids: filled on its own thread
         filling.join(timeout=10)
         assert not filling.is_alive()
         again = await reopened.commit_batch([event(n) for n in range(100)])
@@ -446,3 +446,28 @@ async def test_callers_in_one_group_holding_an_id_further_apart_than_the_window_
         assert len({e.seq for e in rows}) == 3
     finally:
         await journal.close()
+
+
+async def test_a_writer_that_stores_no_events_never_reads_seen_into_the_filter(
+        tmp_path: Path) -> None:
+    """The admin commands open the writer for dead letters, cursors and erasure: with a
+    large ``seen`` they must not wait for a filter they never use."""
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        for start in range(0, 100, 10):
+            await journal.commit_batch([event(n) for n in range(start, start + 10)])
+    finally:
+        await journal.close()
+    reopened = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        writer = reopened._group_writer
+        assert writer is not None
+        await reopened.commit_batch([], cursors={"rc:x": "1"})
+        assert not writer.dedup._filter._filled
+        assert writer.dedup.filling is None
+        again = await reopened.commit_batch([event(n) for n in range(100)])
+        assert (again.new, again.duplicates) == (0, 100)
+        assert writer.dedup._filter._filled  # the first batch filled it
+    finally:
+        await reopened.close()

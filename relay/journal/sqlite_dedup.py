@@ -164,13 +164,21 @@ class DedupIndex:
             (self._seen_through,)))
         self._added: dict[str, int] = {}  # by the transaction under way
         self._filter = SeenFilter()
+        self._connect, self._warn = connect, warn
+        # Filled at the first batch, not on open: a writer that stores no events (the
+        # admin commands: dead letters, replay, erasure) never reads seen for it.
+        self._fill_started = False
         self.filling: threading.Thread | None = None
+
+    def _start_fill(self, conn: sqlite3.Connection) -> None:
+        self._fill_started = True
         large = conn.execute("SELECT count(*) > ? FROM (SELECT 1 FROM seen LIMIT ?)",
                              (FILL_ON_OPEN, FILL_ON_OPEN + 1)).fetchone()[0]
-        if connect is None or not large:
+        if self._connect is None or not large:
             self._filter.fill(conn)
         else:
-            self.filling = threading.Thread(target=self._fill_apart, args=(connect, warn),
+            self.filling = threading.Thread(target=self._fill_apart,
+                                            args=(self._connect, self._warn),
                                             name="relay-journal-dedup-fill", daemon=True)
             self.filling.start()
 
@@ -198,6 +206,8 @@ class DedupIndex:
         """The events to insert (of each id not held within the window, its last copy),
         the positions of the others (duplicates), and the (id, seq) of stored copies to
         delete: an id accepted again after the window moves to its new seq."""
+        if not self._fill_started:
+            self._start_fill(conn)
         recent, added = self._recent, self._added
         unknown = self._filter.maybe_held(
             [e.id for e in events if e.id not in added and e.id not in recent])
