@@ -46,6 +46,18 @@ def hold_the_loop_until(done: Callable[[], bool], seconds: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+async def journal_holding_100_merged(tmp_path: Path) -> Path:
+    """A closed journal whose 100 events were merged into ``seen`` ten at a time."""
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path, dedup_merge_at=10)
+    try:
+        for start in range(0, 100, 10):
+            await journal.commit_batch([event(n) for n in range(start, start + 10)])
+    finally:
+        await journal.close()
+    return path
+
+
 def seen_rows(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
@@ -274,13 +286,7 @@ def test_ids_merged_while_the_filter_fills_are_held_after_it(tmp_path: Path) -> 
 async def test_a_large_seen_is_read_into_the_filter_beside_the_writer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sqlite_dedup, "FILL_ON_OPEN", 20)
-    path = tmp_path / "relay.db"
-    journal = SqliteJournal.open(path, dedup_merge_at=10)
-    try:
-        for start in range(0, 100, 10):
-            await journal.commit_batch([event(n) for n in range(start, start + 10)])
-    finally:
-        await journal.close()
+    path = await journal_holding_100_merged(tmp_path)
     reopened = SqliteJournal.open(path, dedup_merge_at=10)
     try:
         assert reopened._group_writer is not None
@@ -452,13 +458,7 @@ async def test_a_writer_that_stores_no_events_never_reads_seen_into_the_filter(
         tmp_path: Path) -> None:
     """The admin commands open the writer for dead letters, cursors and erasure: with a
     large ``seen`` they must not wait for a filter they never use."""
-    path = tmp_path / "relay.db"
-    journal = SqliteJournal.open(path, dedup_merge_at=10)
-    try:
-        for start in range(0, 100, 10):
-            await journal.commit_batch([event(n) for n in range(start, start + 10)])
-    finally:
-        await journal.close()
+    path = await journal_holding_100_merged(tmp_path)
     reopened = SqliteJournal.open(path, dedup_merge_at=10)
     try:
         writer = reopened._group_writer
