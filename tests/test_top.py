@@ -8,6 +8,7 @@ relay's /metrics.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,7 +86,11 @@ def screen_of(config: Path, refreshes: int) -> list[str]:
         return list(screen.display)
     finally:
         child.sendintr()
-        child.expect(pexpect.EOF, timeout=10)
+        if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=10) == 1:
+            # The ^C typed into the terminal went unanswered (seen only late in a full
+            # run of the suite): the same interrupt as a signal, which top must obey too.
+            child.kill(signal.SIGINT)
+            child.expect(pexpect.EOF, timeout=10)
         child.close()
         assert child.exitstatus == 0, f"relay top exited {child.exitstatus}"
 
