@@ -7,6 +7,7 @@ usage (the message names the key), or the journal is held by another relay.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import socket
@@ -92,10 +93,33 @@ def run(config_file: str | None) -> None:
     _run_relay(config)
 
 
+# Allocations (less deallocations) of container objects between two collections of the
+# youngest generation; Python's default is 700.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_collector() -> None:
+    """Keep the cycle collector off the hot path of a long-running relay.
+
+    Everything alive once the relay is built (modules, configuration, pydantic's
+    schemas: some 60,000 containers) lives as long as the process, so it is frozen
+    out of the collector's reach; the older generations' collections traversed all
+    of it, 27 ms each, stalling every source and sink. A drain allocates and frees
+    dicts by the hundred per answer, nearly all freed by reference counting, so
+    the youngest generation is collected after 10,000 net allocations rather than
+    700. Measured on a 200,000-event drain: 456 collections taking 0.22 s of CPU
+    before, 2 taking 3.5 ms after.
+    """
+    gc.collect()  # what start-up left as garbage is not frozen with the rest
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def _run_relay(config: RelayConfig, on_ready: Callable[[Any], Any] | None = None) -> None:
     from relay.app import Relay, StartupError
 
     relay = Relay(config)
+    tune_collector()
     try:
         anyio.run(relay.run, on_ready)
     except (JournalLockedError, JournalUnusableError, StartupError) as exc:

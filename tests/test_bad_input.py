@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay import metrics
 from relay.config import ConfigError, parse_config
 from relay.emulators.harness import BackgroundLoop, EmulatorServer
 from relay.emulators.rongcloud import RongCloudEmulator
+from relay.remote import Reply
+from relay.sources.http import ProviderClient
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.emulators import refused_port, serving
 from tests.support.relay_process import RelayProcess, count_lines, read_events, wait_for
@@ -149,3 +153,27 @@ def test_emulator_traffic_with_every_fault_at_once(tmp_path: Path) -> None:
         finally:
             relay.stop()
     assert len({e["id"] for e in read_events(events_file)}) == len(keys)
+
+
+def test_the_provider_clock_is_read_once_per_date_header_and_follows_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Date header changes once a second; a loop reading a hundred answers a second
+    parses it once, and a changed header (the provider's clock jumped) is read again."""
+    parsed: list[str] = []
+    real = email.utils.parsedate_to_datetime
+
+    def counting(value: str) -> Any:
+        parsed.append(value)
+        return real(value)
+
+    monkeypatch.setattr(email.utils, "parsedate_to_datetime", counting)
+    client = ProviderClient("skewed", connect_timeout=1, read_timeout=1, verify_tls=True)
+    ahead = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    for _ in range(3):
+        client._observe_clock(Reply(200, {"date": ahead}, b""))
+    assert parsed == [ahead]
+    assert 3590 < metrics.SOURCE_CLOCK_SKEW.labels("skewed")._value.get() < 3610
+    now = email.utils.formatdate(time.time(), usegmt=True)
+    client._observe_clock(Reply(200, {"date": now}, b""))
+    assert parsed == [ahead, now]
+    assert abs(metrics.SOURCE_CLOCK_SKEW.labels("skewed")._value.get()) < 5

@@ -209,8 +209,15 @@ class DedupIndex:
         if not self._fill_started:
             self._start_fill(conn)
         recent, added = self._recent, self._added
-        unknown = self._filter.maybe_held(
-            [e.id for e in events if e.id not in added and e.id not in recent])
+        ids = [e[0] for e in events]
+        unheld = [i for i in ids if i not in added and i not in recent]
+        unknown = self._filter.maybe_held(unheld)
+        if not unknown and len(unheld) == len(ids) and len(set(ids)) == len(ids):
+            # The usual batch: every id new to the journal, none twice in it. What the
+            # loop below would conclude, without its per-event steps (on the writer's
+            # thread, under the interpreter lock the event loop needs).
+            added.update(zip(ids, [e[1] for e in events], strict=True))
+            return list(events), (), []
         stored = self._probe(conn, unknown) if unknown else {}
         chosen: dict[str, int] = {}  # id -> position of the copy to insert
         duplicates: list[int] = []

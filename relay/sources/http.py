@@ -109,6 +109,7 @@ class ProviderClient:
         # Made on first use: an HTTP session belongs to the running event loop.
         self._session: aiohttp.ClientSession | None = None
         self._last_skew_warning = 0.0
+        self._last_date: tuple[str, float] = ("", 0.0)  # the last Date header, parsed
 
     async def request(self, method: str, url: str, *, deadline: float | None = None,
                       **kwargs: Any) -> Answer:
@@ -138,10 +139,15 @@ class ProviderClient:
         date = response.headers.get("date")
         if not date:
             return
-        try:
-            server = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return
+        if date == self._last_date[0]:
+            # One-second resolution: a busy loop sees the same header a hundred times.
+            server = self._last_date[1]
+        else:
+            try:
+                server = email.utils.parsedate_to_datetime(date).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return
+            self._last_date = (date, server)
         skew = server - time.time()
         metrics.SOURCE_CLOCK_SKEW.labels(self.source).set(skew)
         # The Date header has one-second resolution: allow for it.
