@@ -58,17 +58,28 @@ class BatchHistogram(Collector):
         registry.register(self)
 
     def observe_many(self, labels: tuple[str, ...], values: Iterable[float]) -> None:
-        self.observe_counted(labels, ((value, 1) for value in values))
+        """Observe each of ``values`` once (a batch's events, one latency each)."""
+        bounds = self.bounds
+        with self._lock:
+            counts, total = self._series_of(labels)
+            added = 0.0
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+                added += value
+            total[0] += added
+
+    def _series_of(self, labels: tuple[str, ...]) -> tuple[list[int], list[float]]:
+        series = self._series.get(labels)
+        if series is None:
+            series = ([0] * (len(self.bounds) + 1), [0.0])
+            self._series[labels] = series
+        return series
 
     def observe_counted(self, labels: tuple[str, ...], pairs: Iterable[tuple[float, int]]) -> None:
         """Observe each ``value`` ``count`` times (events of one fetch share their latency)."""
         bounds = self.bounds
         with self._lock:
-            series = self._series.get(labels)
-            if series is None:
-                series = ([0] * (len(bounds) + 1), [0.0])
-                self._series[labels] = series
-            counts, total = series
+            counts, total = self._series_of(labels)
             for value, count in pairs:
                 counts[bisect_left(bounds, value)] += count
                 total[0] += value * count

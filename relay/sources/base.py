@@ -297,12 +297,14 @@ def observe_batch(source: str, endpoint: str, events: Sequence[NewEvent], fetche
     """Export how old a fetched batch is; returns the age of its oldest event in seconds."""
     if not events:
         return 0.0
-    oldest = min(e.sent_at for e in events)
+    sent = [e[4] for e in events]  # sent_at
+    oldest = min(sent)
     age = max(0.0, (fetched_at - oldest) / 1000)
     metrics.SOURCE_DATA_AGE.labels(source, endpoint).set(age)
-    metrics.SOURCE_FETCH_LATENCY.observe_many(
-        (source,), [max(0.0, (fetched_at - e.sent_at) / 1000) for e in events]
-    )
+    latencies = [(fetched_at - at) / 1000 for at in sent]
+    if max(sent) > fetched_at:  # a provider clock ahead of ours: no negative latencies
+        latencies = [max(0.0, latency) for latency in latencies]
+    metrics.SOURCE_FETCH_LATENCY.observe_many((source,), latencies)
     return age
 
 

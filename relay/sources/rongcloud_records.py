@@ -65,6 +65,8 @@ def parse_items(body: Any) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]
     results = body.get("results") if isinstance(body, dict) else None
     if not isinstance(results, list):
         raise BadRecord("answer has no results list")
+    if all(item.__class__ is dict for item in results):
+        return list(results), []  # the usual answer: nothing to sort out (not a subclass)
     records: list[dict[str, Any]] = []
     bad: list[tuple[Any, str]] = []
     for item in results:
