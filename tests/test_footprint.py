@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,14 @@ def test_the_relay_runs_with_its_start_up_objects_frozen_out_of_the_collector(
         gc.set_threshold(*before)
     assert seen["frozen"] > 20_000, seen
     assert seen["threshold"][0] >= 10_000, seen
+
+
+def test_the_cli_loads_no_terminal_library_until_relay_top_asks_for_it() -> None:
+    """structlog would import rich (50 ms) only to format exceptions, which the relay
+    formats itself; ``relay top`` still gets rich when it imports it."""
+    probe = ("import sys, relay.cli; assert 'rich' not in sys.modules, 'rich loaded';"
+             " import rich.console; print(rich.console.Console.__name__)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Console"
