@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 
 # structlog's development renderer imports rich, if installed (it is, for `relay top`),
-# to format exceptions: 50 ms of every command's start-up, for nothing, since exceptions
+# to format exceptions: 30-50 ms of every command's start-up, for nothing: exceptions
 # are formatted (and redacted) before any renderer sees them (configure_logging). So
 # structlog is imported with rich marked absent; a later `import rich` is unaffected.
 _RICH_LOADED = "rich" in sys.modules
