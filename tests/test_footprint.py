@@ -83,7 +83,7 @@ def test_the_relay_runs_with_its_start_up_objects_frozen_out_of_the_collector(
 
 
 def test_the_cli_loads_no_terminal_library_until_relay_top_asks_for_it() -> None:
-    """structlog would import rich (50 ms) only to format exceptions, which the relay
+    """structlog would import rich (30-50 ms) only to format exceptions, which the relay
     formats itself; ``relay top`` still gets rich when it imports it."""
     probe = ("import sys, relay.cli; assert 'rich' not in sys.modules, 'rich loaded';"
              " import rich.console; print(rich.console.Console.__name__)")
