@@ -217,6 +217,13 @@ JOURNAL_UP = Gauge(
     "1 while the journal's storage answers; 0 while its database cannot be reached.",
     registry=REGISTRY,
 )
+SOURCE_REQUEST_SECONDS = Histogram(
+    "relay_source_request_seconds",
+    "Time of one provider request, from sending it to its answer read (or its failure).",
+    ["source"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0),
+    registry=REGISTRY,
+)
 JOURNAL_COMMIT_SECONDS = Histogram(
     "relay_journal_commit_seconds",
     "Time to commit one fetched batch.",

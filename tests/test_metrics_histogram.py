@@ -38,3 +38,43 @@ def test_a_batch_from_a_clock_ahead_of_ours_counts_no_negative_latency() -> None
     assert age == 2.0  # the oldest event's
     assert got["relay_source_fetch_latency_seconds_count{le=}"] == 2
     assert got["relay_source_fetch_latency_seconds_sum{le=}"] == 2.0  # 2 s and 0 s, not -2 s
+
+
+def test_every_provider_exchange_is_timed_answered_or_not() -> None:
+    # What a round of a polling loop spends waiting for the provider, beside
+    # relay_journal_commit_seconds: the two halves of every consume-on-read round.
+    import asyncio
+    import socket
+
+    from relay.sources.http import RESPONSE, ProviderClient
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.05)  # the provider taking its time (server side)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}/x"
+
+    async def main() -> list[str]:
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
+        client = ProviderClient("timed-source", connect_timeout=5, read_timeout=5,
+                                verify_tls=True)
+        kinds = [(await client.request("GET", url)).kind,
+                 (await client.request("GET", refused)).kind]
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+        return kinds
+
+    kinds = asyncio.run(main())
+    assert kinds[0] == RESPONSE
+    assert kinds[1] != RESPONSE
+    samples = {s.name: s.value for family in metrics.SOURCE_REQUEST_SECONDS.collect()
+               for s in family.samples if s.labels.get("source") == "timed-source"}
+    assert samples["relay_source_request_seconds_count"] == 2
+    assert samples["relay_source_request_seconds_sum"] >= 0.05

@@ -110,6 +110,8 @@ class ProviderClient:
         self._session: aiohttp.ClientSession | None = None
         self._last_skew_warning = 0.0
         self._last_date: tuple[str, float] = ("", 0.0)  # the last Date header, parsed
+        # With relay_journal_commit_seconds, the two waits of a consume-on-read round.
+        self._request_seconds = metrics.SOURCE_REQUEST_SECONDS.labels(source)
 
     async def request(self, method: str, url: str, *, deadline: float | None = None,
                       **kwargs: Any) -> Answer:
@@ -117,6 +119,7 @@ class ProviderClient:
         limit = self.deadline if deadline is None else deadline
         if self._session is None:
             self._session = self._new_session()
+        started = time.perf_counter()
         try:
             response = await fetch(self._session, method, url, deadline=limit,
                                    max_bytes=self.max_bytes, **kwargs)
@@ -124,6 +127,8 @@ class ProviderClient:
             return Answer(_FAILURES[exc.kind], detail=exc.detail)
         except AnswerTooLarge as exc:
             return Answer(TOO_LARGE, detail=str(exc))
+        finally:
+            self._request_seconds.observe(time.perf_counter() - started)
         self._observe_clock(response)
         raw = response.content
         body: Any = None
