@@ -7,6 +7,12 @@ N. Prints, as medians of the runs, events/s, the relay process's CPU per event
 (user + system, from /proc) and its peak RSS, then the per-stage CPU table of
 :mod:`benchmarks.stages` (SPEC §7: ≥ 45,000 events/s, ≤ 30 µs per event, ≤ 100 MB).
 
+Each endpoint is one chain of rounds (request, decode, commit, then the next request:
+SPEC §2), so events/s is 3 × 100 events per round time. Each run also reads the
+relay's own ``/metrics`` at the end and prints where a round's wall time went: the
+provider exchange (``relay_source_request_seconds``), the journal's commit
+(``relay_journal_commit_seconds``) and the rest (decoding the answer, the event loop).
+
     python -m benchmarks.pipeline_file --events 200000 --runs 5
 """
 
@@ -18,6 +24,7 @@ import json
 import statistics
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,7 @@ import orjson
 from benchmarks import stages
 from benchmarks.common import (
     cpu_seconds,
+    free_port,
     machine,
     rss_mb,
     start_emulator,
@@ -36,6 +44,24 @@ from benchmarks.common import (
 )
 from tests.support.configs import file_sink, rongcloud_source, write_config
 
+ENDPOINTS = 3  # person, group, chatroom: one chain of rounds each
+
+
+def _mean(metrics_text: str, name: str) -> tuple[float, float]:
+    """(count, mean in seconds) of a histogram in a /metrics page, summed over its series."""
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return count, (total / count if count else 0.0)
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
+
 
 def one_run(events: int, batch: int, workdir: Path,
             journal: dict[str, Any] | None = None) -> dict[str, float]:
@@ -45,12 +71,14 @@ def one_run(events: int, batch: int, workdir: Path,
         "--backlog", str(events), "--seed", "1", "--app-key", "bench", "--app-secret", "bench",
     )
     out = workdir / "events.jsonl"
+    port = free_port()
     config = write_config(
         workdir,
         sources={"rc": rongcloud_source(banner["urls"], app_key="bench", app_secret="bench",
                                         requests_per_second=1000, idle_interval="50ms")},
         sinks={"archive": file_sink(out, batch_size=2000)},
         log={"level": "warning"},
+        metrics={"enabled": True, "listen": f"127.0.0.1:{port}"},
         **({"journal": journal} if journal is not None else {}),
     )
     started = time.time()
@@ -59,17 +87,27 @@ def one_run(events: int, batch: int, workdir: Path,
         done = wait_lines(out, events, timeout=600)
         cpu = cpu_seconds(relay.pid)
         peak = rss_mb(relay.pid, "VmHWM")
+        page = _scrape(port)
     finally:
         stop(relay)
         stop(emulator)
     with out.open("rb") as f:
         head = [line for _, line in zip(range(5000), f, strict=False)]
     first_fetch = min(orjson.loads(line)["fetched_at"] for line in head)
+    drain = done - first_fetch / 1000
+    requests, request = _mean(page, "relay_source_request_seconds")
+    commits, commit = _mean(page, "relay_journal_commit_seconds")
+    # A round of one chain: the drain's time shared by the chains' requests (the empty
+    # answers at the end included, as they are rounds too).
+    round_ = drain * ENDPOINTS / requests if requests else 0.0
     # The CPU figure includes start-up (imports, journal open, migrations): about 1 s of
     # CPU, a few µs per event.
-    return {"events_per_second": events / (done - first_fetch / 1000),
+    return {"events_per_second": events / drain,
             "events_per_second_from_start": events / (done - started),
-            "cpu_us_per_event": cpu / events * 1e6, "peak_rss_mb": peak}
+            "cpu_us_per_event": cpu / events * 1e6, "peak_rss_mb": peak,
+            "round_ms": round_ * 1000, "request_ms": request * 1000,
+            "commit_ms": commit * 1000, "rest_ms": (round_ - request - commit) * 1000,
+            "requests": requests, "commits": commits}
 
 
 def main() -> None:
@@ -86,13 +124,17 @@ def main() -> None:
         runs.append(figures)
         print(f"run {run + 1}: {figures['events_per_second']:,.0f} events/s,"
               f" {figures['cpu_us_per_event']:.1f} µs CPU per event,"
-              f" peak RSS {figures['peak_rss_mb']:.0f} MiB")
+              f" peak RSS {figures['peak_rss_mb']:.0f} MiB; a round {figures['round_ms']:.1f} ms:"
+              f" request {figures['request_ms']:.1f}, commit {figures['commit_ms']:.1f},"
+              f" rest {figures['rest_ms']:.1f}")
     result = {"benchmark": "pipeline emulator→journal→file", "events": args.events,
               "batch": args.batch,
               "events_per_second": summary([r["events_per_second"] for r in runs]),
               "cpu_us_per_event_median": round(
                   statistics.median(r["cpu_us_per_event"] for r in runs), 1),
               "peak_rss_mb_median": round(statistics.median(r["peak_rss_mb"] for r in runs)),
+              "round_ms_median": {k: round(statistics.median(r[f"{k}_ms"] for r in runs), 2)
+                                  for k in ("round", "request", "commit", "rest")},
               "machine": machine()}
     if not args.no_stages:
         with tempfile.TemporaryDirectory(prefix="relay-stages-") as tmp:
