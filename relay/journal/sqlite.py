@@ -368,8 +368,9 @@ class SqliteJournal:
             )
         if version == 0:
             # Both must precede the first table to take effect. 4 KiB pages: every dirty
-            # page is written to the WAL whole, and the pages a commit dirties beside the
-            # events' own (the seen table's merges, cursors, meta) are mostly random ones.
+            # page is written to the WAL whole, and each commit rewrites pages it only
+            # touches (the table's last, partly filled page, the interior pages above it,
+            # cursors, meta), which cost more the larger they are.
             # With the random-order id index of schema 1, 4 KiB pages took 0.6x the CPU
             # and 0.5x the commit time of 16 KiB ones (1,000,000 events held); without it
             # (schema 3) a whole drain, 3 alternated rounds: 19,400 / 18,500 / 17,100
