@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import stages
 from benchmarks.common import (
@@ -49,12 +50,10 @@ ENDPOINTS = 3  # person, group, chatroom: one chain of rounds each
 
 def _mean(metrics_text: str, name: str) -> tuple[float, float]:
     """(count, mean in seconds) of a histogram in a /metrics page, summed over its series."""
-    total = count = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(f"{name}_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f"{name}_count"):
-            count += float(line.rsplit(" ", 1)[1])
+    samples = [s for family in text_string_to_metric_families(metrics_text)
+               if family.name == name for s in family.samples]
+    total = sum(s.value for s in samples if s.name == f"{name}_sum")
+    count = sum(s.value for s in samples if s.name == f"{name}_count")
     return count, (total / count if count else 0.0)
 
 
