@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from benchmarks.common import count_lines, machine, rss_mb, start_emulator, start_relay, stop
+from benchmarks.common import LineCounter, machine, rss_mb, start_emulator, start_relay, stop
 from benchmarks.kafka import fill_journal
 from tests.support.configs import file_sink, rongcloud_source, write_config
 from tests.support.emulators import refused_port
@@ -75,9 +75,10 @@ def main() -> None:
             sinks={"file": file_sink(events, batch_size=2000)}, log={"level": "error"})
         relay = start_relay(config, work / "relay.log")
         drain = []
+        written = LineCounter(events)
         try:
             started = time.monotonic()
-            while count_lines(events) < args.events and time.monotonic() - started < 600:
+            while written.count() < args.events and time.monotonic() - started < 600:
                 time.sleep(1)
                 drain.append(rss_pair(relay.pid))
             drain_seconds = time.monotonic() - started
