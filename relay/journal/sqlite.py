@@ -446,7 +446,12 @@ class SqliteJournal:
 
     def _transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn`` in one immediate transaction (on the writer's thread)."""
-        self._check_intact()
+        # Whether the file is still the one opened is asked after the commit, which is
+        # what decides (a write into a deleted file is lost either way); before it, only
+        # what is known: one file look-up per commit, not two, each letting go of the
+        # interpreter lock and waiting to win it back from the busy event loop.
+        if self._gone is not None:
+            raise JournalGoneError(self._gone)
         try:
             conn.execute("BEGIN IMMEDIATE")
             result = fn(conn)

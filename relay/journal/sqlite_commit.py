@@ -83,6 +83,10 @@ class GroupWriter:
         # The group's new events, in seq order, inserted together after the loop: one
         # statement for the group instead of one per caller.
         fresh_all: list[NewEvent] = []
+        # The group's cursors, a later caller's value for a key winning, written in one
+        # statement: each statement lets go of the interpreter lock and waits to win it
+        # back from the busy event loop (an executemany, once per row).
+        cursors: dict[str, str] = {}
         for item in items:
             duplicates: tuple[int, ...] = ()
             moved: list[tuple[str, int]] = []
@@ -111,12 +115,7 @@ class GroupWriter:
                     [(q.source, q.endpoint, now, q.error, q.raw) for q in item.quarantine],
                 )
             if item.cursors:
-                conn.executemany(
-                    "INSERT INTO cursors(key, value, updated_at) VALUES (?,?,?)"
-                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
-                    " updated_at=excluded.updated_at",
-                    [(k, v, now) for k, v in item.cursors.items()],
-                )
+                cursors.update(item.cursors)
             if item.ledger is not None:
                 self.ledger.write(conn, item.ledger)
             if item.sink is not None:
@@ -131,6 +130,18 @@ class GroupWriter:
                                       moved=tuple(q for _, q in moved)))
         if fresh_all:
             self._insert(last - len(fresh_all) + 1, fresh_all)
+        if cursors:
+            rows = list(cursors.items())
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start:start + _ROWS_PER_INSERT]
+                values: list[object] = []
+                for key, value in chunk:
+                    values += (key, value, now)
+                conn.execute(
+                    "INSERT INTO cursors(key, value, updated_at) VALUES "  # noqa: S608
+                    + ",".join(("(?,?,?)",) * len(chunk))
+                    + " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
+                    " updated_at=excluded.updated_at", values)
         if last != self.written_seq:
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('high_seq', ?)"
