@@ -363,6 +363,26 @@ async def test_erase_removes_a_users_events_everywhere(backend: Backend) -> None
         assert await journal.max_seq() == top  # seqs are never reused
 
 
+async def test_seqs_continue_after_a_reopen_once_the_newest_rows_are_gone(
+        backend: Backend) -> None:
+    """A sink's cursor names a seq: a seq handed out again would make it skip the event."""
+    old = int(time.time() * 1000) - 4 * HOUR_MS
+    async with backend.journal(retain=3 * 3600.0, dedup_window=3 * 3600.0) as journal:
+        await journal.register_sinks(["file"], prune=True)
+        await journal.commit_batch([new_event(f"old{i}", fetched_at=old) for i in range(3)])
+        await journal.advance_sink("file", 3)
+        assert await journal.compact(int(time.time() * 1000)) == 3  # every row is gone
+    async with backend.journal(retain=3 * 3600.0, dedup_window=3 * 3600.0) as journal:
+        assert await journal.max_seq() == 3
+        await journal.commit_batch([new_event("a", sender="bob"), new_event("b", sender="eve")])
+        assert [r.seq for r in await journal.read(3, 10)] == [4, 5]
+        await journal.erase_user("eve")  # the newest row
+    async with backend.journal(retain=3 * 3600.0, dedup_window=3 * 3600.0) as journal:
+        assert await journal.max_seq() == 5
+        await journal.commit_batch([new_event("c")])
+        assert [r.seq for r in await journal.read(3, 10)] == [4, 6]
+
+
 async def test_erasing_the_newest_events_leaves_no_busy_wait(backend: Backend) -> None:
     async with backend.journal() as journal:
         await journal.commit_batch([new_event("a", sender="bob"), new_event("b", sender="eve")])

@@ -767,6 +767,7 @@ class SqliteJournal:
             counts = {}
             conn.execute("PRAGMA secure_delete=ON")  # erased chat content is overwritten
             if not dry_run:
+                conn.execute(sqlite_commit.KEEP_HIGH_SEQ)
                 erased.extend(i for (i,) in conn.execute(
                     f"SELECT id FROM events WHERE {where_event}", (user_id, user_id)))  # noqa: S608
                 conn.executemany("DELETE FROM seen WHERE id = ?", [(i,) for i in erased])
@@ -878,6 +879,7 @@ class SqliteJournal:
             deleted = 0
             # Chunks keep each transaction (and the writer's lock) short.
             while True:
+                conn.execute(sqlite_commit.KEEP_HIGH_SEQ)
                 conn.execute(sqlite_dedup.FORGET_COMPACTED, (delivered, cutoff, 20000))
                 cur = conn.execute(
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq <= ?"

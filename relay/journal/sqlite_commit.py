@@ -26,6 +26,16 @@ from relay.journal.group import Pending
 _ROWS_PER_INSERT = 1000
 
 
+# The highest seq ever handed out, kept in meta by whatever deletes event rows (compaction,
+# erasure), just before it does: with the rows gone, max(seq) alone would hand their seqs
+# out again after a reopen, and a sink's cursor past them would skip the new events. A
+# commit does not write it: its own rows carry the mark (one statement fewer per commit).
+KEEP_HIGH_SEQ = (
+    "INSERT INTO meta(key, value) SELECT 'high_seq', coalesce(max(seq), 0) FROM events"
+    " WHERE true ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ItemResult:
     """``new`` events got the seqs up to ``last_seq``, in order, all but those at
@@ -142,10 +152,4 @@ class GroupWriter:
                     + ",".join(("(?,?,?)",) * len(chunk))
                     + " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
                     " updated_at=excluded.updated_at", values)
-        if last != self.written_seq:
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES ('high_seq', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (last,),
-            )
         return results
