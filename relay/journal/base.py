@@ -84,6 +84,7 @@ class Routing(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+_EMPTY = b""
 
 
 class NewEvent(NamedTuple):
@@ -99,10 +100,15 @@ class NewEvent(NamedTuple):
     def from_event(cls, event: Mapping[str, Any]) -> NewEvent:
         routing = (event["source"], event["provider"], event["kind"], event["channel"]["type"],
                    event["type"], event["conversation"])
+        # Copied at once to their exact size: orjson's bytes keep the 4 KiB buffer they
+        # were written into (a 550-byte event held 4 KiB, and its routing 4 KiB more), so a
+        # batch of them spread over 800 KiB of memory; the copy is 0.15 µs, and the
+        # buffer, freed at once, is the next one's.
         # tuple.__new__ directly: a NamedTuple's generated __new__ is a Python call, 0.4 µs
         # against 0.17, once per event on the event loop.
-        return _new_tuple(cls, (event["id"], event["fetched_at"], orjson.dumps(routing),
-                                orjson.dumps(event), event["sent_at"]))
+        return _new_tuple(cls, (event["id"], event["fetched_at"],
+                                _EMPTY.join((orjson.dumps(routing), _EMPTY)),
+                                _EMPTY.join((orjson.dumps(event), _EMPTY)), event["sent_at"]))
 
 
 class StoredEvent(NamedTuple):
