@@ -39,15 +39,13 @@ class TailCache:
             self._events = []  # not adjacent (never, with one writer): start again
         if not self._events:
             self._first = first
-        # not StoredEvent(...): see NewEvent.from_event
-        if not committed.duplicates:  # the usual batch: every event is new
-            self._events += [_new_tuple(StoredEvent, (seq, e[0], e[1], e[2], e[3]))
-                             for seq, e in enumerate(events, first)]
-        else:
+        kept = events
+        if committed.duplicates:  # the usual batch has none: no test per event then
             skip = set(committed.duplicates)
             kept = [e for position, e in enumerate(events) if position not in skip]
-            self._events += [_new_tuple(StoredEvent, (seq, e[0], e[1], e[2], e[3]))
-                             for seq, e in enumerate(kept, first)]
+        # not StoredEvent(...): see NewEvent.from_event
+        self._events += [_new_tuple(StoredEvent, (seq, e[0], e[1], e[2], e[3]))
+                         for seq, e in enumerate(kept, first)]
         excess = len(self._events) - self._size
         if excess > self._size // 4:  # trimmed now and then, not at every commit
             del self._events[:excess]
