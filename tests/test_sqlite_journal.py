@@ -471,3 +471,35 @@ async def test_a_writer_that_stores_no_events_never_reads_seen_into_the_filter(
         assert writer.dedup._filter._filled  # the first batch filled it
     finally:
         await reopened.close()
+
+
+async def test_a_deleted_journal_is_not_created_again_by_a_later_connection(
+        tmp_path: Path) -> None:
+    """The checkpoint's and the dedup fill's connections open after the journal did; if
+    its file was deleted meanwhile, they must fail, not leave an empty database (with the
+    process's default permissions) where the journal was."""
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path)
+    try:
+        await journal.commit_batch([event(1)])
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        with pytest.raises(sqlite3.OperationalError):
+            SqliteJournal._connect(path)
+        assert not path.exists()
+    finally:
+        await journal.close()
+    assert not path.exists()
+
+
+async def test_a_clean_stop_leaves_the_high_seq_mark_current(tmp_path: Path) -> None:
+    """Commits do not write the mark (their rows carry it); a relay of an earlier version
+    opening this file (the same schema) does not keep it in its compaction, so the stop
+    leaves it current for it."""
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path)
+    await journal.commit_batch([event(1), event(2), event(3)])
+    await journal.close()
+    with sqlite3.connect(path) as conn:
+        mark = conn.execute("SELECT value FROM meta WHERE key = 'high_seq'").fetchone()
+    assert mark == (3,)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
@@ -351,7 +352,11 @@ class SqliteJournal:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        # mode=rw: the file exists (open() creates it owner-only first). A connection made
+        # later (the checkpoint's, the dedup fill's) must fail if it was deleted meanwhile,
+        # not create an empty database with default permissions where the journal was.
+        conn = sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True,
+                               check_same_thread=False, isolation_level=None, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -967,6 +972,12 @@ class SqliteJournal:
         return await self._reader.run(query)
 
     async def close(self) -> None:
+        if self._group_writer is not None and self._gone is None:
+            # A relay of an earlier version (the same schema) keeps the high seq mark at
+            # every commit and not in its compaction: current at a clean stop, it cannot
+            # hand out the seqs of rows that this one compacted or erased.
+            with contextlib.suppress(JournalError):
+                await self._write(lambda conn: conn.execute(sqlite_commit.KEEP_HIGH_SEQ))
         if self._checkpointer is not None:
             await anyio.to_thread.run_sync(self._checkpointer.close)
         filling = self._group_writer.dedup.filling if self._group_writer is not None else None
