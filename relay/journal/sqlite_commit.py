@@ -36,6 +36,19 @@ KEEP_HIGH_SEQ = (
 )
 
 
+def _insert_rows(conn: sqlite3.Connection, insert: str, width: int, values: list[object],
+                 tail: str = "") -> None:
+    """``insert`` of ``values`` (``width`` to a row), many rows per statement: one call into
+    SQLite per thousand rows instead of one per row (each call lets go of the interpreter
+    lock and must win it back from the busy event loop)."""
+    step = _ROWS_PER_INSERT * width
+    row = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(values), step):
+        chunk = values if len(values) <= step else values[start:start + step]
+        conn.execute(f"{insert} VALUES {','.join((row,) * (len(chunk) // width))}{tail}",
+                     chunk)
+
+
 @dataclass(frozen=True, slots=True)
 class ItemResult:
     """``new`` events got the seqs up to ``last_seq``, in order, all but those at
@@ -71,17 +84,12 @@ class GroupWriter:
             self.written_seq = max(self.written_seq, results[-1].last_seq)
 
     def _insert(self, first: int, events: Sequence[NewEvent]) -> None:
-        """Insert with seqs from ``first``, many rows per statement: one call into SQLite
-        per thousand rows instead of one per row (each call lets go of the interpreter
-        lock and must win it back from the busy event loop)."""
-        for start in range(0, len(events), _ROWS_PER_INSERT):
-            chunk = events[start:start + _ROWS_PER_INSERT]
-            values: list[object] = []
-            for i, e in enumerate(chunk, first + start):
-                values += (i, e[0], e[1], e[2], e[3])
-            self.conn.execute(
-                "INSERT INTO events(seq, id, fetched_at, routing, payload) VALUES "  # noqa: S608
-                + ",".join(("(?,?,?,?,?)",) * len(chunk)), values)
+        """Insert with seqs from ``first``, many rows per statement (:func:`_insert_rows`)."""
+        values: list[object] = []
+        for i, e in enumerate(events, first):
+            values += (i, e[0], e[1], e[2], e[3])
+        _insert_rows(self.conn, "INSERT INTO events(seq, id, fetched_at, routing, payload)",
+                     5, values)
 
     def apply(self, items: Sequence[Pending]) -> list[ItemResult]:
         """Write ``items`` inside the caller's transaction; then :meth:`committed` or
@@ -141,15 +149,10 @@ class GroupWriter:
         if fresh_all:
             self._insert(last - len(fresh_all) + 1, fresh_all)
         if cursors:
-            rows = list(cursors.items())
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                chunk = rows[start:start + _ROWS_PER_INSERT]
-                values: list[object] = []
-                for key, value in chunk:
-                    values += (key, value, now)
-                conn.execute(
-                    "INSERT INTO cursors(key, value, updated_at) VALUES "  # noqa: S608
-                    + ",".join(("(?,?,?)",) * len(chunk))
-                    + " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
-                    " updated_at=excluded.updated_at", values)
+            values: list[object] = []
+            for key, value in cursors.items():
+                values += (key, value, now)
+            _insert_rows(conn, "INSERT INTO cursors(key, value, updated_at)", 3, values,
+                         " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
+                         " updated_at=excluded.updated_at")
         return results
