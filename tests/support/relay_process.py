@@ -27,6 +27,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
+# The relays started by the running test, so that a failed test can show their logs
+# (tests/conftest.py): a relay that stopped or stalled says why there, nowhere else.
+started: list[RelayProcess] = []
+
+
 class RelayProcess:
     def __init__(self, config_file: Path, log_file: Path, env: dict[str, str] | None = None):
         self.config_file = config_file
@@ -43,6 +48,7 @@ class RelayProcess:
             [sys.executable, "-m", "relay", command, "--config", str(self.config_file), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
+        started.append(self)
         return self
 
     @property
@@ -85,6 +91,13 @@ class RelayProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._close_log()
+
+    def describe(self, lines: int = 60) -> str:
+        """How it ended (or that it still runs) and the last ``lines`` of its log."""
+        code = self.proc.poll() if self.proc is not None else None
+        state = "still running" if code is None else f"exited with {code}"
+        tail = "\n".join(self.log_text().splitlines()[-lines:])
+        return f"relay {self.config_file} ({state}), last {lines} log lines:\n{tail}"
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
