@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from relay.journal import NewEvent, sqlite_dedup
@@ -429,6 +430,52 @@ async def test_a_group_of_callers_inserts_its_events_in_one_statement(tmp_path: 
         for s in (0, 10, 20):
             at = ids.index(f"rc:m{s}")
             assert ids[at:at + 10] == [f"rc:m{n}" for n in range(s, s + 10)]
+    finally:
+        writer.conn.set_trace_callback(None)
+        await journal.close()
+
+
+async def test_a_caller_queued_while_a_group_is_written_joins_its_transaction(
+        tmp_path: Path) -> None:
+    """A batch that arrives while the group before it is being written (its rows are the
+    slow part) is written in the same transaction, before the COMMIT, instead of waiting
+    for that whole transaction and then one of its own."""
+    journal = SqliteJournal.open(tmp_path / "relay.db")
+    writer = journal._group_writer
+    group = journal._group
+    assert writer is not None
+    assert group is not None
+    inserting, release = threading.Event(), threading.Event()
+    commits: list[str] = []
+
+    def trace(sql: str) -> None:  # on the writer's thread, as SQLite runs each statement
+        if sql.startswith("INSERT INTO events") and not inserting.is_set():
+            inserting.set()
+            release.wait(5)  # the first group's rows are being written
+        if sql == "COMMIT":
+            commits.append(sql)
+
+    writer.conn.set_trace_callback(trace)
+    try:
+        results = []
+
+        async def commit(first: int) -> None:
+            results.append(await journal.commit_batch([event(n) for n in range(first, first + 10)]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit, 0)
+            await anyio.to_thread.run_sync(inserting.wait, 5)
+            tg.start_soon(commit, 10)
+            deadline = time.monotonic() + 5
+            while not group._queue and time.monotonic() < deadline:  # noqa: ASYNC110 - a queue the writer thread owns
+                await anyio.sleep(0.001)
+            assert group._queue  # the second batch waits behind the first group
+            release.set()
+        assert len(commits) == 1
+        assert sorted((r.new, r.last_seq) for r in results) == [(10, 10), (10, 20)]
+        rows = await journal.read(0, 100)
+        assert [e.id for e in rows] == [f"rc:m{n}" for n in range(20)]
+        assert [e.seq for e in rows] == list(range(1, 21))
     finally:
         writer.conn.set_trace_callback(None)
         await journal.close()

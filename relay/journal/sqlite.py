@@ -481,12 +481,21 @@ class SqliteJournal:
         """Run ``fn`` in one immediate transaction on the writer connection."""
         return await self._w().run(partial(self._transaction, fn=fn))
 
-    def _commit_group(self, group: list[Pending]) -> list[ItemResult]:
-        """On the writer's thread: one transaction (one fsync) for a group of callers."""
+    def _commit_group(self, group: list[Pending],
+                      more: Callable[[], list[Pending]]) -> list[ItemResult]:
+        """On the writer's thread: one transaction (one fsync) for a group of callers,
+        those ``more()`` hands it while it writes included (added to ``group``)."""
         writer = self._group_writer
         assert writer is not None  # _w() refused a read-only journal already
+
+        def joined() -> list[Pending]:
+            extra = more()
+            group.extend(extra)
+            return extra
+
         try:
-            results = self._transaction(writer.conn, lambda conn: writer.apply(group))
+            results = self._transaction(writer.conn,
+                                        lambda conn: writer.apply(list(group), joined))
         except BaseException:
             writer.rolled_back()
             raise

@@ -91,13 +91,24 @@ class GroupWriter:
         _insert_rows(self.conn, "INSERT INTO events(seq, id, fetched_at, routing, payload)",
                      5, values)
 
-    def apply(self, items: Sequence[Pending]) -> list[ItemResult]:
-        """Write ``items`` inside the caller's transaction; then :meth:`committed` or
-        :meth:`rolled_back`."""
+    def apply(self, items: Sequence[Pending],
+              more: Callable[[], Sequence[Pending]] | None = None) -> list[ItemResult]:
+        """Write ``items`` inside the caller's transaction, then whatever ``more()`` hands
+        over (callers that queued meanwhile) until it hands nothing; then
+        :meth:`committed` or :meth:`rolled_back`."""
+        results: list[ItemResult] = []
+        last = self.written_seq
+        while items:
+            last = self._apply_round(items, last, results)
+            items = more() if more is not None else ()
+        return results
+
+    def _apply_round(self, items: Sequence[Pending], last: int,
+                     results: list[ItemResult]) -> int:
+        """Write ``items`` with seqs after ``last``; appends their results, returns the new
+        last seq."""
         conn = self.conn
         now = int(time.time() * 1000)
-        last = self.written_seq
-        results = []
         # The group's new events, in seq order, inserted together after the loop: one
         # statement for the group instead of one per caller.
         fresh_all: list[NewEvent] = []
@@ -155,4 +166,4 @@ class GroupWriter:
             _insert_rows(conn, "INSERT INTO cursors(key, value, updated_at)", 3, values,
                          " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
                          " updated_at=excluded.updated_at")
-        return results
+        return last

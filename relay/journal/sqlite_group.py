@@ -13,6 +13,11 @@ commits it at once; the loop only queues items and is told the outcome, in commi
 order. A caller cancelled while its item is still queued takes it back out; once the
 thread has taken it, it is committed all the same (a RongCloud batch exists nowhere
 else), and the caller no longer waits for it.
+
+A caller that queues while a group is being written joins it (``more``): its rows go
+into the same transaction before the COMMIT, instead of waiting for that whole
+transaction and then one of its own. Writing the rows is most of a transaction's
+time, and with several sources a batch often arrives during it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Generic, TypeVar
 
 from relay.journal.base import CommitResult, JournalError
@@ -30,14 +36,20 @@ from relay.worker_thread import WorkerThread
 _Queued = tuple[Pending, "asyncio.Future[CommitResult]"]
 _R = TypeVar("_R")
 
+# Callers a group may hold, the first ones and those that joined it: each one that joins
+# lengthens the transaction for those already in it.
+JOIN_LIMIT = 16
+
 
 class ThreadGroupCommit(Generic[_R]):
-    """``commit(group)`` runs on the writer's thread: one transaction for the group,
+    """``commit(group, more)`` runs on the writer's thread: one transaction for the
+    group and whatever ``more()`` hands it before the COMMIT (callers queued since),
     setting every member's ``result`` (or raising :class:`JournalError`);
     ``committed(group, what_commit_returned)`` then runs on the loop, in commit
     order; ``after()`` on the thread after each commit (the dedup merge)."""
 
-    def __init__(self, thread: WorkerThread, commit: Callable[[list[Pending]], _R],
+    def __init__(self, thread: WorkerThread,
+                 commit: Callable[[list[Pending], Callable[[], list[Pending]]], _R],
                  committed: Callable[[list[Pending], _R], None],
                  after: Callable[[], None]) -> None:
         self._thread = thread
@@ -82,7 +94,7 @@ class ThreadGroupCommit(Generic[_R]):
                 error: JournalError | None = None
                 outcome: _R | None = None
                 try:
-                    outcome = self._commit(group)
+                    outcome = self._commit(group, partial(self._join, taken))
                 except JournalError as exc:
                     error = exc
                 except BaseException as exc:  # every member is told
@@ -98,6 +110,17 @@ class ThreadGroupCommit(Generic[_R]):
             # again instead of queueing behind one that is gone.
             with self._lock:
                 self._scheduled = False
+
+    def _join(self, taken: list[_Queued]) -> list[Pending]:
+        """On the thread, inside a group's transaction: the callers queued since it was
+        taken, now its members (told its outcome with the others)."""
+        with self._lock:
+            room = JOIN_LIMIT - len(taken)
+            if room <= 0 or not self._queue:
+                return []
+            joined, self._queue = self._queue[:room], self._queue[room:]
+        taken += joined
+        return [item for item, _ in joined]
 
     def _finish(self, taken: list[_Queued], outcome: _R | None,
                 error: JournalError | None) -> None:
