@@ -144,6 +144,10 @@ class SinkConfig(ComponentConfig):
 
     filter: SinkFilter = Field(default_factory=SinkFilter)
     batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # A batch smaller than batch_size waits for more events until its oldest has waited
+    # this long since it was fetched: fewer, fuller deliveries (each one a write, an fsync
+    # or a round trip, and a cursor commit) for at most this much latency. 0: at once.
+    batch_wait: Duration = Field(default=0.0, le=60)
     # The one retry layer (the runner's): exponential backoff with jitter between attempts.
     retry_backoff: Duration = 0.5
     retry_backoff_max: Duration = 60.0

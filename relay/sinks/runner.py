@@ -166,6 +166,12 @@ class SinkRunner:
                 # Short, so that shutdown and requests are noticed promptly while idle.
                 await self.journal.wait_for_events(cursor, 0.5)
                 continue
+            if len(rows) < self.config.batch_size and await self._wait_for_more(rows[0],
+                                                                                stopping):
+                # Read again, fuller: what was read may have been erased meanwhile.
+                rows = await self.journal.read(cursor, self.config.batch_size)
+                if not rows:
+                    continue
             await self._report_lag(rows[0])
             selected = [r for r in rows if sink_filter.matches(r)] if filtering else rows
             if len(selected) != len(rows):
@@ -193,6 +199,23 @@ class SinkRunner:
                 await self._journal_write("replay mark", partial(
                     self.journal.set_cursors, {replay_mark_key(self.name): ""}), stopping)
                 self._replay_marked = False
+
+    async def _wait_for_more(self, first: StoredEvent, stopping: anyio.Event) -> bool:
+        """Wait (``batch_wait``) for a batch to fill, until its oldest event has waited
+        that long since its fetch; whether it waited. A backlog's events are older than
+        that and go at once."""
+        wait = self.config.batch_wait
+        if wait <= 0:
+            return False
+        # fetched_at is a wall clock (another replica's, with PostgreSQL): a clock ahead of
+        # ours makes the age negative, and the wait is bounded by batch_wait all the same.
+        age = time.time() - first.fetched_at / 1000
+        left = min(wait, wait - age)
+        if left <= 0:
+            return False
+        with anyio.move_on_after(left):
+            await stopping.wait()
+        return True
 
     async def _resume(self, cursor: int) -> int:
         """Where to start: the journal's cursor, or the destination's position when ahead."""
