@@ -439,7 +439,8 @@ async def test_a_caller_queued_while_a_group_is_written_joins_its_transaction(
         tmp_path: Path) -> None:
     """A batch that arrives while the group before it is being written (its rows are the
     slow part) is written in the same transaction, before the COMMIT, instead of waiting
-    for that whole transaction and then one of its own."""
+    for that whole transaction and then one of its own. (The first batch carries a cursor:
+    a group of one statement has no transaction to join.)"""
     journal = SqliteJournal.open(tmp_path / "relay.db")
     writer = journal._group_writer
     group = journal._group
@@ -460,7 +461,9 @@ async def test_a_caller_queued_while_a_group_is_written_joins_its_transaction(
         results = []
 
         async def commit(first: int) -> None:
-            results.append(await journal.commit_batch([event(n) for n in range(first, first + 10)]))
+            results.append(await journal.commit_batch(
+                [event(n) for n in range(first, first + 10)],
+                cursors={"rc:x": str(first)} if first == 0 else None))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(commit, 0)
@@ -479,6 +482,35 @@ async def test_a_caller_queued_while_a_group_is_written_joins_its_transaction(
     finally:
         writer.conn.set_trace_callback(None)
         await journal.close()
+
+
+async def test_a_group_of_one_statement_commits_without_begin_and_commit(
+        tmp_path: Path) -> None:
+    """SQLite commits a lone statement as it runs it: a group whose writes are one INSERT
+    (the usual source batch) makes one call into SQLite, not three, each of which lets go
+    of the interpreter lock. Two writes open a transaction, as before."""
+    path = tmp_path / "relay.db"
+    journal = SqliteJournal.open(path)
+    writer = journal._group_writer
+    assert writer is not None
+    statements: list[str] = []  # what writes or ends a transaction (reads are no matter)
+    writer.conn.set_trace_callback(
+        lambda sql: None if sql.startswith("SELECT") else statements.append(sql))
+    try:
+        await journal.commit_batch([event(n) for n in range(10)])
+        assert [sql.split(" ")[:3] for sql in statements] == [["INSERT", "INTO", "events(seq,"]]
+        statements.clear()
+        await journal.commit_batch([event(n) for n in range(10, 20)], cursors={"rc:x": "1"})
+        assert [sql.split(" ")[0] for sql in statements] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
+    finally:
+        writer.conn.set_trace_callback(None)
+        await journal.close()
+    reopened = SqliteJournal.open(path)
+    try:
+        assert [e.seq for e in await reopened.read(0, 100)] == list(range(1, 21))
+        assert await reopened.get_cursors("rc:") == {"rc:x": "1"}
+    finally:
+        await reopened.close()
 
 
 async def test_callers_in_one_group_holding_an_id_further_apart_than_the_window_keep_one(

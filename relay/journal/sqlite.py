@@ -449,8 +449,11 @@ class SqliteJournal:
             raise JournalError("the journal was opened read-only")
         return self._writer
 
-    def _transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``fn`` in one immediate transaction (on the writer's thread)."""
+    def _transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T],
+                     *, begin: bool = True) -> _T:
+        """``fn`` in one immediate transaction (on the writer's thread). ``begin=False``:
+        ``fn`` opens it when it writes more than one statement (a lone statement commits
+        as it runs), and it is committed here if open."""
         # Whether the file is still the one opened is asked after the commit, which is
         # what decides (a write into a deleted file is lost either way); before it, only
         # what is known: one file look-up per commit, not two, each letting go of the
@@ -458,9 +461,11 @@ class SqliteJournal:
         if self._gone is not None:
             raise JournalGoneError(self._gone)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if begin:
+                conn.execute("BEGIN IMMEDIATE")
             result = fn(conn)
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
@@ -495,7 +500,8 @@ class SqliteJournal:
 
         try:
             results = self._transaction(writer.conn,
-                                        lambda conn: writer.apply(list(group), joined))
+                                        lambda conn: writer.apply(list(group), joined),
+                                        begin=False)
         except BaseException:
             writer.rolled_back()
             raise

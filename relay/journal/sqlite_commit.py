@@ -36,8 +36,8 @@ KEEP_HIGH_SEQ = (
 )
 
 
-def _insert_rows(conn: sqlite3.Connection, insert: str, width: int, values: list[object],
-                 tail: str = "") -> None:
+def _insert_rows(execute: Callable[[str, list[object]], object], insert: str, width: int,
+                 values: list[object], tail: str = "") -> None:
     """``insert`` of ``values`` (``width`` to a row), many rows per statement: one call into
     SQLite per thousand rows instead of one per row (each call lets go of the interpreter
     lock and must win it back from the busy event loop)."""
@@ -45,8 +45,7 @@ def _insert_rows(conn: sqlite3.Connection, insert: str, width: int, values: list
     row = "(" + ",".join("?" * width) + ")"
     for start in range(0, len(values), step):
         chunk = values if len(values) <= step else values[start:start + step]
-        conn.execute(f"{insert} VALUES {','.join((row,) * (len(chunk) // width))}{tail}",
-                     chunk)
+        execute(f"{insert} VALUES {','.join((row,) * (len(chunk) // width))}{tail}", chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +61,15 @@ class ItemResult:
 
 
 class GroupWriter:
-    """Applies groups on the writer connection, from its thread only."""
+    """Applies groups on the writer connection, from its thread only.
+
+    A group whose writes come to one statement (the usual one: a few sources' events, or a
+    sink's cursor) runs it without BEGIN and COMMIT: SQLite commits a lone statement as it
+    runs it, durably (the WAL, ``synchronous=FULL``) and whole, in one call. Each call lets
+    go of the interpreter lock and must win it back from the busy event loop; a commit so
+    makes one call where it made three. Any second write first opens the transaction
+    (:meth:`_begin`), and the caller then commits it.
+    """
 
     def __init__(self, conn: sqlite3.Connection, *, written_seq: int, window_ms: int,
                  merge_at: int, connect: Callable[[], sqlite3.Connection],
@@ -72,9 +79,28 @@ class GroupWriter:
         self.dedup = sqlite_dedup.DedupIndex(conn, window_ms=window_ms, merge_at=merge_at,
                                              connect=connect, warn=warn)
         self.ledger = sqlite_ledger.LedgerWriter()
+        # The group's first write, held back in case it is the only one.
+        self._held: tuple[str, list[object]] | None = None
+
+    def _begin(self) -> None:
+        """Before any write but the first: one transaction for the group from here on."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+        if self._held is not None:
+            sql, params = self._held
+            self._held = None
+            self.conn.execute(sql, params)
+
+    def _write(self, sql: str, params: list[object]) -> None:
+        if self._held is None and not self.conn.in_transaction:
+            self._held = (sql, params)  # perhaps the group's only statement
+        else:
+            self._begin()
+            self.conn.execute(sql, params)
 
     def rolled_back(self) -> None:
         """The transaction :meth:`apply` ran in rolled back: forget what it remembered."""
+        self._held = None
         self.ledger.forget()
         self.dedup.forget()
 
@@ -88,19 +114,27 @@ class GroupWriter:
         values: list[object] = []
         for i, e in enumerate(events, first):
             values += (i, e[0], e[1], e[2], e[3])
-        _insert_rows(self.conn, "INSERT INTO events(seq, id, fetched_at, routing, payload)",
+        _insert_rows(self._write, "INSERT INTO events(seq, id, fetched_at, routing, payload)",
                      5, values)
 
     def apply(self, items: Sequence[Pending],
               more: Callable[[], Sequence[Pending]] | None = None) -> list[ItemResult]:
-        """Write ``items`` inside the caller's transaction, then whatever ``more()`` hands
-        over (callers that queued meanwhile) until it hands nothing; then
-        :meth:`committed` or :meth:`rolled_back`."""
+        """Write ``items``, then whatever ``more()`` hands over (callers that queued
+        meanwhile) until it hands nothing; the caller then commits the transaction if one
+        is open (``conn.in_transaction``), and calls :meth:`committed` or
+        :meth:`rolled_back`."""
         results: list[ItemResult] = []
         last = self.written_seq
+        self._held = None
         while items:
             last = self._apply_round(items, last, results)
             items = more() if more is not None else ()
+            if items:
+                self._begin()  # joined by more callers: more writes
+        if self._held is not None:  # the group's only write: committed as it runs
+            sql, params = self._held
+            self._held = None
+            self.conn.execute(sql, params)
         return results
 
     def _apply_round(self, items: Sequence[Pending], last: int,
@@ -126,11 +160,13 @@ class GroupWriter:
                 if fresh_all and self.dedup.added_any(events):
                     # An id an earlier caller in this group added: its row must be in the
                     # table before this one is checked (a copy older than the window is
-                    # found there and moved).
+                    # found there and moved): written now, not held back.
+                    self._begin()
                     self._insert(last - len(fresh_all) + 1, fresh_all)
                     fresh_all = []
                 fresh, duplicates, moved = self.dedup.new_events(conn, events)
                 if moved:  # accepted again after the dedup window: moves to its new seq
+                    self._begin()
                     conn.executemany("DELETE FROM events WHERE seq = ?", [(q,) for _, q in moved])
                     # Its new copy is in the tail until the next merge; seen must not keep
                     # naming the deleted one (event_seq, compaction match on (id, seq)).
@@ -138,6 +174,7 @@ class GroupWriter:
                 fresh_all += fresh
                 last += len(fresh)
             if item.quarantine:
+                self._begin()
                 conn.executemany(
                     "INSERT INTO quarantine(source, endpoint, received_at, error, raw)"
                     " VALUES (?,?,?,?,?)",
@@ -146,13 +183,14 @@ class GroupWriter:
             if item.cursors:
                 cursors.update(item.cursors)
             if item.ledger is not None:
+                self._begin()
                 self.ledger.write(conn, item.ledger)
             if item.sink is not None:
-                conn.execute(
+                self._write(
                     "INSERT INTO sink_cursors(sink, seq, updated_at) VALUES (?,?,?)"
                     " ON CONFLICT(sink) DO UPDATE SET seq=max(seq, excluded.seq),"
                     " updated_at=excluded.updated_at",
-                    (item.sink[0], item.sink[1], now),
+                    [item.sink[0], item.sink[1], now],
                 )
             results.append(ItemResult(new=len(events) - len(duplicates), duplicates=duplicates,
                                       quarantined=len(item.quarantine), last_seq=last,
@@ -163,7 +201,7 @@ class GroupWriter:
             values: list[object] = []
             for key, value in cursors.items():
                 values += (key, value, now)
-            _insert_rows(conn, "INSERT INTO cursors(key, value, updated_at)", 3, values,
+            _insert_rows(self._write, "INSERT INTO cursors(key, value, updated_at)", 3, values,
                          " ON CONFLICT(key) DO UPDATE SET value=excluded.value,"
                          " updated_at=excluded.updated_at")
         return last
