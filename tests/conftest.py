@@ -31,5 +31,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for relay in relay_process.started:
             report.sections.append(("relay log", relay.describe()))
-    if report.when == "teardown":
-        relay_process.started.clear()
+    if report.when == "teardown":  # a module's relay, still running, stays listed
+        relay_process.started[:] = [r for r in relay_process.started if r.running()]

@@ -95,3 +95,14 @@ async def test_a_lone_event_waits_no_longer_than_batch_wait(tmp_path: Path) -> N
     batches, took = await _run(tmp_path, config, [[new_event(1, now)]], gap=0)
     assert batches == [1]
     assert 0.2 <= took < 10
+
+
+async def test_a_batch_that_fills_goes_before_the_wait_ends(tmp_path: Path) -> None:
+    now = int(time.time() * 1000)
+    config = FileSinkConfig(type="file", path=str(tmp_path / "out.jsonl"), batch_size=20,
+                            batch_wait=30.0)
+    batches, took = await _run(tmp_path, config,
+                               [[new_event(b * 10 + n, now) for n in range(10)] for b in range(2)],
+                               gap=0.05)
+    assert batches == [20]
+    assert took < 10  # not the 30 s of batch_wait

@@ -439,8 +439,9 @@ async def test_a_caller_queued_while_a_group_is_written_joins_its_transaction(
         tmp_path: Path) -> None:
     """A batch that arrives while the group before it is being written (its rows are the
     slow part) is written in the same transaction, before the COMMIT, instead of waiting
-    for that whole transaction and then one of its own. (The first batch carries a cursor:
-    a group of one statement has no transaction to join.)"""
+    for that whole transaction and then one of its own. (The first batch carries a cursor,
+    so that its rows are written inside a transaction: a group of one statement runs it
+    after its last look for joiners, and who queues while it runs waits for the next.)"""
     journal = SqliteJournal.open(tmp_path / "relay.db")
     writer = journal._group_writer
     group = journal._group

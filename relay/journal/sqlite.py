@@ -464,7 +464,8 @@ class SqliteJournal:
             if begin:
                 conn.execute("BEGIN IMMEDIATE")
             result = fn(conn)
-            if conn.in_transaction:
+            # begin=True: COMMIT even if the transaction ended unseen, so that SQLite says why.
+            if begin or conn.in_transaction:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:

@@ -63,12 +63,12 @@ class ItemResult:
 class GroupWriter:
     """Applies groups on the writer connection, from its thread only.
 
-    A group whose writes come to one statement (the usual one: a few sources' events, or a
-    sink's cursor) runs it without BEGIN and COMMIT: SQLite commits a lone statement as it
-    runs it, durably (the WAL, ``synchronous=FULL``) and whole, in one call. Each call lets
-    go of the interpreter lock and must win it back from the busy event loop; a commit so
-    makes one call where it made three. Any second write first opens the transaction
-    (:meth:`_begin`), and the caller then commits it.
+    A group whose writes come to one statement (the usual one: a few sources' events, up to
+    a thousand, nothing quarantined; or a sink's cursor) runs it without BEGIN and COMMIT:
+    SQLite commits a lone statement as it runs it, durably (the WAL, ``synchronous=FULL``)
+    and whole, in one call. Each call lets go of the interpreter lock and must win it back
+    from the busy event loop; a commit so makes one call where it made three. Any second
+    write first opens the transaction (:meth:`_begin`), and the caller then commits it.
     """
 
     def __init__(self, conn: sqlite3.Connection, *, written_seq: int, window_ms: int,
@@ -82,14 +82,20 @@ class GroupWriter:
         # The group's first write, held back in case it is the only one.
         self._held: tuple[str, list[object]] | None = None
 
-    def _begin(self) -> None:
-        """Before any write but the first: one transaction for the group from here on."""
-        if not self.conn.in_transaction:
-            self.conn.execute("BEGIN IMMEDIATE")
+    def _flush(self) -> None:
+        """Run the held-back write, if any (in the transaction if one is open)."""
         if self._held is not None:
             sql, params = self._held
             self._held = None
             self.conn.execute(sql, params)
+
+    def _begin(self) -> None:
+        """Before a write that cannot be the group's only one (a second write, quarantine,
+        ledger, moved ids): one transaction for the group from here on, the held-back
+        write first."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+        self._flush()
 
     def _write(self, sql: str, params: list[object]) -> None:
         if self._held is None and not self.conn.in_transaction:
@@ -129,12 +135,11 @@ class GroupWriter:
         while items:
             last = self._apply_round(items, last, results)
             items = more() if more is not None else ()
-            if items:
-                self._begin()  # joined by more callers: more writes
-        if self._held is not None:  # the group's only write: committed as it runs
-            sql, params = self._held
-            self._held = None
-            self.conn.execute(sql, params)
+            if items and self._held is not None:
+                # Joined: the earlier rows must be in the table before the later callers'
+                # ids are checked (a copy older than the window is found there and moved).
+                self._begin()
+        self._flush()  # the group's only write: SQLite commits it as it runs it
         return results
 
     def _apply_round(self, items: Sequence[Pending], last: int,
@@ -143,8 +148,8 @@ class GroupWriter:
         last seq."""
         conn = self.conn
         now = int(time.time() * 1000)
-        # The group's new events, in seq order, inserted together after the loop: one
-        # statement for the group instead of one per caller.
+        # The round's new events, in seq order, inserted together after the loop: one
+        # statement for the round's callers instead of one per caller.
         fresh_all: list[NewEvent] = []
         # The group's cursors, a later caller's value for a key winning, written in one
         # statement: each statement lets go of the interpreter lock and waits to win it
@@ -182,7 +187,7 @@ class GroupWriter:
                 )
             if item.cursors:
                 cursors.update(item.cursors)
-            if item.ledger is not None:
+            if item.ledger is not None and item.ledger.entries:
                 self._begin()
                 self.ledger.write(conn, item.ledger)
             if item.sink is not None:

@@ -166,8 +166,8 @@ class SinkRunner:
                 # Short, so that shutdown and requests are noticed promptly while idle.
                 await self.journal.wait_for_events(cursor, 0.5)
                 continue
-            if len(rows) < self.config.batch_size and await self._wait_for_more(rows[0],
-                                                                                stopping):
+            if len(rows) < self.config.batch_size and await self._wait_for_more(
+                    cursor, rows[0], stopping):
                 # Read again, fuller: what was read may have been erased meanwhile.
                 rows = await self.journal.read(cursor, self.config.batch_size)
                 if not rows:
@@ -200,22 +200,29 @@ class SinkRunner:
                     self.journal.set_cursors, {replay_mark_key(self.name): ""}), stopping)
                 self._replay_marked = False
 
-    async def _wait_for_more(self, first: StoredEvent, stopping: anyio.Event) -> bool:
-        """Wait (``batch_wait``) for a batch to fill, until its oldest event has waited
-        that long since its fetch; whether it waited. A backlog's events are older than
-        that and go at once."""
+    async def _wait_for_more(self, cursor: int, first: StoredEvent,
+                             stopping: anyio.Event) -> bool:
+        """Wait (``batch_wait``) for a batch after ``cursor`` to fill, until ``batch_size``
+        events are there or its oldest event has waited that long since its fetch; whether
+        it waited and should be read again. A backlog's events are older than that and go
+        at once; so does a batch when the relay is stopping."""
         wait = self.config.batch_wait
         if wait <= 0:
             return False
         # fetched_at is a wall clock (another replica's, with PostgreSQL): a clock ahead of
         # ours makes the age negative, and the wait is bounded by batch_wait all the same.
-        age = time.time() - first.fetched_at / 1000
-        left = min(wait, wait - age)
+        left = min(wait, wait - (time.time() - first.fetched_at / 1000))
         if left <= 0:
             return False
-        with anyio.move_on_after(left):
-            await stopping.wait()
-        return True
+        deadline = time.monotonic() + left
+        while not stopping.is_set():
+            last = await self.journal.max_seq()
+            remaining = deadline - time.monotonic()
+            if last - cursor >= self.config.batch_size or remaining <= 0:
+                return True
+            # Woken by each commit; at most a moment, so that stopping is noticed.
+            await self.journal.wait_for_events(last, min(remaining, 0.1))
+        return False
 
     async def _resume(self, cursor: int) -> int:
         """Where to start: the journal's cursor, or the destination's position when ahead."""

@@ -21,6 +21,7 @@ in flight at a time, because a query is assumed to remove what it returns
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ class _LoopState:
     connect_failures: int = 0
     read_failures: int = 0
     last_nonempty: bool = False
-    last_cursor_write: float = 0.0
+    last_cursor_write: float = -math.inf  # monotonic time: near 0 shortly after boot
     last_age_warning: float = 0.0
 
 
@@ -304,7 +305,7 @@ class RongCloudSource:
         mono = time.monotonic()
         # The last-poll mark only feeds the gap report at start (is the gap near the
         # retention, hours?): once in ten seconds is precise enough, and a batch's commit
-        # without it is one statement (relay.journal.sqlite_commit.GroupWriter).
+        # without it is usually one statement (relay.journal.sqlite_commit.GroupWriter).
         if mono - state.last_cursor_write > POLL_MARK_EVERY:
             cursors = {self._cursor_key(endpoint): str(fetched_at)}
             state.last_cursor_write = mono
