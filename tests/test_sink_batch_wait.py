@@ -39,6 +39,17 @@ def new_event(n: int, fetched_at: int) -> NewEvent:
                     payload, 0)
 
 
+def fresh_batches(count: int) -> list[list[NewEvent]]:
+    """``count`` batches of 10 events fetched just now."""
+    now = int(time.time() * 1000)
+    return [[new_event(b * 10 + n, now) for n in range(10)] for b in range(count)]
+
+
+def file_config(tmp_path: Path, **settings: object) -> FileSinkConfig:
+    return FileSinkConfig.model_validate(
+        {"type": "file", "path": str(tmp_path / "out.jsonl"), **settings})
+
+
 async def _run(tmp_path: Path, config: FileSinkConfig, batches: list[list[NewEvent]],
                gap: float) -> tuple[list[int], float]:
     """Commit ``batches`` ``gap`` seconds apart while a runner delivers them; the batch
@@ -68,12 +79,8 @@ async def _run(tmp_path: Path, config: FileSinkConfig, batches: list[list[NewEve
 
 
 async def test_a_sink_that_keeps_up_waits_for_a_fuller_batch(tmp_path: Path) -> None:
-    now = int(time.time() * 1000)
-    config = FileSinkConfig(type="file", path=str(tmp_path / "out.jsonl"), batch_size=1000,
-                            batch_wait=1.0)
-    batches, _ = await _run(tmp_path, config,
-                            [[new_event(b * 10 + n, now) for n in range(10)] for b in range(10)],
-                            gap=0.01)
+    config = file_config(tmp_path, batch_size=1000, batch_wait=1.0)
+    batches, _ = await _run(tmp_path, config, fresh_batches(10), gap=0.01)
     # Ten commits within about 0.1 s, each of which a runner that does not wait delivers
     # on its own: with a second to wait, they go in one or two batches.
     assert len(batches) <= 2, batches
@@ -81,8 +88,7 @@ async def test_a_sink_that_keeps_up_waits_for_a_fuller_batch(tmp_path: Path) -> 
 
 async def test_events_older_than_the_wait_and_full_batches_go_at_once(tmp_path: Path) -> None:
     old = int(time.time() * 1000) - 60_000  # fetched a minute ago: waited long enough
-    config = FileSinkConfig(type="file", path=str(tmp_path / "out.jsonl"), batch_size=20,
-                            batch_wait=30.0)
+    config = file_config(tmp_path, batch_size=20, batch_wait=30.0)
     batches, took = await _run(tmp_path, config, [[new_event(n, old) for n in range(50)]],
                                gap=0)
     assert batches == [20, 20, 10]
@@ -90,19 +96,15 @@ async def test_events_older_than_the_wait_and_full_batches_go_at_once(tmp_path: 
 
 
 async def test_a_lone_event_waits_no_longer_than_batch_wait(tmp_path: Path) -> None:
-    now = int(time.time() * 1000)
-    config = FileSinkConfig(type="file", path=str(tmp_path / "out.jsonl"), batch_wait=0.3)
-    batches, took = await _run(tmp_path, config, [[new_event(1, now)]], gap=0)
+    config = file_config(tmp_path, batch_wait=0.3)
+    batches, took = await _run(tmp_path, config, [[new_event(1, int(time.time() * 1000))]],
+                               gap=0)
     assert batches == [1]
     assert 0.2 <= took < 10
 
 
 async def test_a_batch_that_fills_goes_before_the_wait_ends(tmp_path: Path) -> None:
-    now = int(time.time() * 1000)
-    config = FileSinkConfig(type="file", path=str(tmp_path / "out.jsonl"), batch_size=20,
-                            batch_wait=30.0)
-    batches, took = await _run(tmp_path, config,
-                               [[new_event(b * 10 + n, now) for n in range(10)] for b in range(2)],
-                               gap=0.05)
+    config = file_config(tmp_path, batch_size=20, batch_wait=30.0)
+    batches, took = await _run(tmp_path, config, fresh_batches(2), gap=0.05)
     assert batches == [20]
     assert took < 10  # not the 30 s of batch_wait

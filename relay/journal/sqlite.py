@@ -490,18 +490,11 @@ class SqliteJournal:
     def _commit_group(self, group: list[Pending],
                       more: Callable[[], list[Pending]]) -> list[ItemResult]:
         """On the writer's thread: one transaction (one fsync) for a group of callers,
-        those ``more()`` hands it while it writes included (added to ``group``)."""
+        those ``more()`` hands it while it writes included (it adds them to ``group``)."""
         writer = self._group_writer
         assert writer is not None  # _w() refused a read-only journal already
-
-        def joined() -> list[Pending]:
-            extra = more()
-            group.extend(extra)
-            return extra
-
         try:
-            results = self._transaction(writer.conn,
-                                        lambda conn: writer.apply(list(group), joined),
+            results = self._transaction(writer.conn, lambda conn: writer.apply(group, more),
                                         begin=False)
         except BaseException:
             writer.rolled_back()

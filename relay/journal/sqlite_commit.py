@@ -131,7 +131,6 @@ class GroupWriter:
         :meth:`rolled_back`."""
         results: list[ItemResult] = []
         last = self.written_seq
-        self._held = None
         while items:
             last = self._apply_round(items, last, results)
             items = more() if more is not None else ()

@@ -43,10 +43,10 @@ JOIN_LIMIT = 16
 
 class ThreadGroupCommit(Generic[_R]):
     """``commit(group, more)`` runs on the writer's thread: one transaction for the
-    group and whatever ``more()`` hands it before the COMMIT (callers queued since),
-    setting every member's ``result`` (or raising :class:`JournalError`);
-    ``committed(group, what_commit_returned)`` then runs on the loop, in commit
-    order; ``after()`` on the thread after each commit (the dedup merge)."""
+    group and whatever ``more()`` hands it before the COMMIT (callers queued since, added
+    to ``group`` as they join), setting every member's ``result`` (or raising
+    :class:`JournalError`); ``committed(group, what_commit_returned)`` then runs on the
+    loop, in commit order; ``after()`` on the thread after each commit (the dedup merge)."""
 
     def __init__(self, thread: WorkerThread,
                  commit: Callable[[list[Pending], Callable[[], list[Pending]]], _R],
@@ -94,7 +94,7 @@ class ThreadGroupCommit(Generic[_R]):
                 error: JournalError | None = None
                 outcome: _R | None = None
                 try:
-                    outcome = self._commit(group, partial(self._join, taken))
+                    outcome = self._commit(group, partial(self._join, taken, group))
                 except JournalError as exc:
                     error = exc
                 except BaseException as exc:  # every member is told
@@ -111,16 +111,18 @@ class ThreadGroupCommit(Generic[_R]):
             with self._lock:
                 self._scheduled = False
 
-    def _join(self, taken: list[_Queued]) -> list[Pending]:
+    def _join(self, taken: list[_Queued], group: list[Pending]) -> list[Pending]:
         """On the thread, inside a group's transaction: the callers queued since it was
-        taken, now its members (told its outcome with the others)."""
+        taken, now its members (in ``group``, and told its outcome with the others)."""
         with self._lock:
             room = JOIN_LIMIT - len(taken)
             if room <= 0 or not self._queue:
                 return []
             joined, self._queue = self._queue[:room], self._queue[room:]
         taken += joined
-        return [item for item, _ in joined]
+        items = [item for item, _ in joined]
+        group += items
+        return items
 
     def _finish(self, taken: list[_Queued], outcome: _R | None,
                 error: JournalError | None) -> None:
