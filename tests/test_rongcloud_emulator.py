@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import httpx
@@ -83,3 +84,23 @@ def test_redelivery_serves_some_messages_twice() -> None:
     assert len(served) > 100
     assert emulator.snapshot()["redelivered"] == len(served) - 100
     assert len(keys) == 100
+
+
+def test_results_items_as_strings_hold_the_same_records_as_objects() -> None:
+    """Served as JSON strings (RongCloud documents results as String[]), awkward records
+    (quotes, backslashes, control characters, non-ASCII) come back unchanged."""
+    emulator = RongCloudEmulator("k", "s", batch_size=10, budget=None, seed=2,
+                                 string_items_ratio=0.5)
+    keys = emulator.generate(8, "person")
+    awkward = ['say "hi"', "C:\\path\\", "tab\there\nnew line\x01", "✓ 融云 \u2028", "\\\"", ""]
+    for queued, text in zip(emulator.queues["person"], awkward, strict=False):
+        queued.record["content"] = {"content": text, "extra": text}
+        queued.encoded = b""  # encoded again from the changed record
+    expected = {q.key: dict(q.record) for q in emulator.queues["person"]}
+    with serving(emulator) as (_loop, server), httpx.Client(base_url=server.urls[0]) as client:
+        results = client.post("/rtmsg/person/qrymsg.json", headers=signed("s")).json()["results"]
+    strings = [item for item in results if isinstance(item, str)]
+    assert strings  # both forms served
+    assert len(strings) < len(results)
+    records = [json.loads(item) if isinstance(item, str) else item for item in results]
+    assert {r["msgUID"]: r for r in records} == {k: expected[k] for k in keys}
