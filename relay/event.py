@@ -117,6 +117,9 @@ def conversation_key(channel_type: str, channel_id: str, sender: str, recipient:
     return f"{channel_type}:{channel_id}"
 
 
+_CONTAINERS = (dict, list)
+
+
 def content_from_text(text: str) -> tuple[JSONValue, ContentEncoding]:
     """Text that may hold a JSON object or array: parsed if it does, else kept as text."""
     stripped = text.lstrip()
@@ -125,13 +128,20 @@ def content_from_text(text: str) -> tuple[JSONValue, ContentEncoding]:
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
             return text, "text"
-        if isinstance(parsed, dict | list):
+        if parsed.__class__ in _CONTAINERS:  # orjson makes exactly these, no subclasses
             return parsed, "json"
     return text, "text"
 
 
 def content_from_value(value: Any) -> tuple[JSONValue, ContentEncoding]:
     """A content field that may be absent, a JSON object/array, or a string."""
+    # Exact classes first: a record's content, once per record on the hot path (a tuple of
+    # classes, not ``dict | list``, which builds a union at every call).
+    cls = value.__class__
+    if cls in _CONTAINERS:
+        return value, "json"
+    if cls is str:
+        return content_from_text(value)
     if value is None:
         return None, "none"
     if isinstance(value, dict | list):

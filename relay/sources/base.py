@@ -245,6 +245,10 @@ def normalize_batch(
     Each record is isolated (SPEC §4): whatever goes wrong with one — it did not
     parse, a field has the wrong type, it is nested too deep to serialize, it is
     larger than ``max_record_bytes`` — quarantines that record alone.
+
+    ``normalize`` is called once per record: where that is tens of thousands of times a
+    second (RongCloud), a closure rather than a ``functools.partial`` with keywords, which
+    merges them into a new dict at every call (0.44 µs a call against 0.16).
     """
     events: list[NewEvent] = []
     quarantine: list[QuarantinedRecord] = []

@@ -25,7 +25,6 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import anyio
@@ -382,9 +381,11 @@ class RongCloudSource:
             records, bad = parse_items(body)
         except BadRecord as exc:
             return [], [quarantine_record(self.name, endpoint, body, str(exc))]
+        name = self.name
         events, quarantine = normalize_batch(
-            self.name, endpoint, records,
-            partial(normalize, source=self.name, endpoint=endpoint, fetched_at=fetched_at),
+            name, endpoint, records,
+            lambda record: normalize(record, source=name, endpoint=endpoint,
+                                     fetched_at=fetched_at),
             max_record_bytes=self.config.max_record_bytes)
         quarantine += [quarantine_record(self.name, endpoint, raw, error) for raw, error in bad]
         return events, quarantine

@@ -156,7 +156,7 @@ def normalize(
         raise BadRecord("msgUID is not a string")
 
     if "content" in record:
-        native = dict(record)
+        native = record.copy()  # a dict from orjson: copy() skips dict()'s generic path
         content, encoding = content_from_value(native.pop("content"))
     else:
         native = record
