@@ -128,23 +128,18 @@ def content_from_text(text: str) -> tuple[JSONValue, ContentEncoding]:
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
             return text, "text"
-        if parsed.__class__ in _CONTAINERS:  # orjson makes exactly these, no subclasses
+        if isinstance(parsed, _CONTAINERS):
             return parsed, "json"
     return text, "text"
 
 
 def content_from_value(value: Any) -> tuple[JSONValue, ContentEncoding]:
     """A content field that may be absent, a JSON object/array, or a string."""
-    # Exact classes first: a record's content, once per record on the hot path (a tuple of
-    # classes, not ``dict | list``, which builds a union at every call).
-    cls = value.__class__
-    if cls in _CONTAINERS:
-        return value, "json"
-    if cls is str:
-        return content_from_text(value)
     if value is None:
         return None, "none"
-    if isinstance(value, dict | list):
+    # A tuple of classes, not ``dict | list``, which builds a union at every call (once per
+    # record on the hot path).
+    if isinstance(value, _CONTAINERS):
         return value, "json"
     if isinstance(value, str):
         return content_from_text(value)
