@@ -134,8 +134,8 @@ def test_failover_under_kill_9_of_lease_holders(tmp_path: Path, postgres_dsn: st
         replicas = [RelayProcess(c, c.parent / "relay.log").start() for c in configs]
         try:
             def spread() -> Counter[str]:
-                # A unit between a release and the next acquire has no holder; counting those
-                # as a fourth "replica" once made three free units look like an even spread.
+                # A unit between a release and the next acquire has no holder: counted, three
+                # such units would pass for a fourth replica's even share.
                 return Counter(holder for holder, _ in leases(postgres_dsn).values() if holder)
 
             # Nine units over three replicas: three each, once all have joined.
